@@ -1,0 +1,41 @@
+"""`vqtok` command line: a few verbs, settings in config files.
+
+Each verb lives in the module that does its work; this file only wires argparse to them.
+A verb module exposes `add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module, one-line help). Modules are imported lazily, so `vqtok --help` is fast
+# and a verb's heavy imports (ray, deepspeed, mlflow) are paid only when it runs.
+VERBS: dict[str, tuple[str, str]] = {
+    "demo": ("pipelines.demo", "run the end-to-end demo on bundled data"),
+    "demo-data": ("pipelines.demo_data", "write the small offline demo data set as shards"),
+    "shards": ("pipelines.shards", "write WebDataset shards from videos and images"),
+    "inspect": ("pipelines.inspect", "read shards through the training decode path; print JSON"),
+}
+
+
+def build_parser(verbs: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vqtok", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb in verbs or VERBS:
+        module, help_text = VERBS[verb]
+        importlib.import_module(module).add_arguments(sub.add_parser(verb, help=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Build only the chosen verb's parser: one verb's optional import cannot break another.
+    chosen = [a for a in argv if a in VERBS][:1]
+    args = build_parser(chosen or None).parse_args(argv)
+    return int(importlib.import_module(VERBS[args.verb][0]).run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

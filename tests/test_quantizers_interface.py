@@ -1,0 +1,131 @@
+"""The interface every registered quantizer family must honour (DESIGN.md, issue 3)."""
+
+import pytest
+import torch
+
+from vqcore.quantizers import Quantized, build, names
+
+FAMILIES = names()
+SHAPES = {"2d": (2, 8, 6, 5), "3d": (2, 8, 3, 4, 5)}
+
+
+def _flat_codes(codes):
+    return list(codes) if isinstance(codes, tuple) else [codes]
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.mark.parametrize("layout", list(SHAPES))
+def test_shapes_codes_metrics(family, layout):
+    torch.manual_seed(0)
+    q = build({"type": family, "dim": 8})
+    z = torch.randn(SHAPES[layout])
+    out = q(z)
+    assert isinstance(out, Quantized)
+    assert out.z_q.shape == z.shape
+    assert out.loss.dim() == 0 and torch.isfinite(out.loss)
+    for c in _flat_codes(out.codes):
+        assert not c.is_floating_point() and c.min() >= 0
+    m = out.metrics
+    assert 0.0 <= float(m["usage"]) <= 1.0
+    assert float(m["perplexity"]) >= 1.0 - 1e-5
+    assert float(m["bits_per_token"]) > 0
+
+
+@pytest.mark.parametrize("layout", list(SHAPES))
+def test_gradients_reach_input_and_codebooks(family, layout):
+    torch.manual_seed(0)
+    q = build({"type": family, "dim": 8})
+    z = torch.randn(SHAPES[layout], requires_grad=True)
+    out = q(z)
+    (out.z_q.pow(2).sum() + out.loss).backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    for name, p in q.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), f"{family}: no grad for {name}"
+
+
+@pytest.mark.parametrize("layout", list(SHAPES))
+def test_decode_encode_round_trip(family, layout):
+    torch.manual_seed(0)
+    q = build({"type": family, "dim": 8})
+    z = torch.randn(SHAPES[layout])
+    q.train()
+    q(z)  # one training step moves EMA / anchors; eval must still round-trip
+    q.eval()
+    out = q(z)
+    codes = q.encode(z)
+    for a, b in zip(_flat_codes(codes), _flat_codes(out.codes)):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(q.decode(codes), out.z_q, atol=1e-6, rtol=0)
+
+
+def test_encode_has_no_side_effects(family):
+    torch.manual_seed(0)
+    q = build({"type": family, "dim": 8}).train()
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    q.encode(torch.randn(SHAPES["2d"]))
+    for k, v in q.state_dict().items():
+        assert torch.equal(v, state[k]), f"{family}: encode changed {k}"
+
+
+def test_seeded_runs_identical(family):
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        q = build({"type": family, "dim": 8})
+        z = torch.randn(SHAPES["2d"])
+        outs.append([q(z) for _ in range(2)][-1])
+    torch.testing.assert_close(outs[0].z_q, outs[1].z_q, atol=0, rtol=0)
+    assert torch.equal(outs[0].loss, outs[1].loss)
+
+
+def test_usage_counters_accumulate_and_reset(family):
+    q = build({"type": family, "dim": 8})
+    z = torch.randn(SHAPES["2d"])
+    q(z)
+    first = q.usage.counts.sum().item()
+    q(z)
+    assert q.usage.counts.sum().item() == pytest.approx(2 * first)
+    q.reset_usage()
+    assert q.usage.counts.sum().item() == 0
+    stats = q.usage_stats()
+    assert set(stats) >= {"usage", "perplexity"}
+
+
+def test_export_codebook(family, tmp_path):
+    import json
+
+    q = build({"type": family, "dim": 8})
+    q(torch.randn(SHAPES["2d"]))
+    pt, js = q.export_codebook(tmp_path / family)
+    info = json.loads(js.read_text())
+    assert info["config"]["type"] == family
+    tensors = torch.load(pt, weights_only=True)
+    assert tensors and all(isinstance(t, torch.Tensor) for t in tensors.values())
+
+
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        (torch.randn(2, 7, 4, 4), "channels"),
+        (torch.randn(2, 8, 4), "shape"),
+        (torch.randint(0, 5, (2, 8, 4, 4)), "dtype"),
+        (torch.full((2, 8, 4, 4), float("nan")), "NaN"),
+        (torch.full((2, 8, 4, 4), float("inf")), "inf"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(family, bad, fragment):
+    q = build({"type": family, "dim": 8})
+    with pytest.raises(ValueError, match=fragment) as err:
+        q(bad)
+    assert type(q).__name__ in str(err.value)
+
+
+def test_unknown_type_and_key_are_named():
+    with pytest.raises(ValueError, match="unknown quantizer type 'nope'"):
+        build({"type": "nope", "dim": 8})
+    with pytest.raises(ValueError, match="codebook_sise"):
+        build({"type": "vq", "dim": 8, "codebook_sise": 3})

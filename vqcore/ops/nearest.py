@@ -1,0 +1,83 @@
+"""Nearest-code search that never materialises the full N x K distance matrix.
+
+The distance step is ||x||² - 2 x·e + ||e||²; rows of `x` are processed in chunks so the
+extra memory is `chunk x K` floats, not `N x K` (N = 65,536, K = 8,192 would be 2 GiB in fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Extra memory one chunk of distances may take, in elements (64 Mi floats = 256 MiB in fp32).
+DEFAULT_BUDGET_ELEMENTS = 1 << 24
+
+
+def _chunk_rows(num_codes: int, budget: int) -> int:
+    return max(1, budget // max(1, num_codes))
+
+
+def squared_distances(x_nd: torch.Tensor, codebook_kd: torch.Tensor) -> torch.Tensor:
+    """Full (N, K) squared L2 distances; for small N·K or tests only."""
+    x = x_nd.float()
+    e = codebook_kd.float()
+    return x.pow(2).sum(1, keepdim=True) - 2 * x @ e.t() + e.pow(2).sum(1)[None]
+
+
+@torch.no_grad()
+def nearest_code(
+    x_nd: torch.Tensor,
+    codebook_kd: torch.Tensor,
+    metric: str = "l2",
+    budget_elements: int = DEFAULT_BUDGET_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of the nearest code for every row, and its distance (l2: squared; cosine: 1 - cos).
+
+    x_nd: (N, D) features, codebook_kd: (K, D). Returns codes (N,) int64 and dist (N,) fp32.
+    Works in fp32 whatever the input dtype, so ties break the same way on every device.
+    """
+    if metric not in ("l2", "cosine"):
+        raise ValueError(f"nearest_code: metric must be 'l2' or 'cosine', got {metric!r}")
+    n, k = x_nd.shape[0], codebook_kd.shape[0]
+    e = codebook_kd.float()
+    if metric == "cosine":
+        e = torch.nn.functional.normalize(e, dim=1)
+    e_sq = e.pow(2).sum(1)
+    codes = torch.empty(n, dtype=torch.long, device=x_nd.device)
+    dists = torch.empty(n, dtype=torch.float32, device=x_nd.device)
+    step = _chunk_rows(k, budget_elements)
+    for start in range(0, n, step):
+        x = x_nd[start : start + step].float()
+        if metric == "cosine":
+            x = torch.nn.functional.normalize(x, dim=1)
+        # addmm fuses -2 x·eᵀ + ||e||² into one kernel and one (chunk, K) buffer.
+        d = torch.addmm(e_sq[None], x, e.t(), alpha=-2.0)
+        best, idx = d.min(dim=1)
+        codes[start : start + step] = idx
+        dists[start : start + step] = best + x.pow(2).sum(1)
+    if metric == "cosine":
+        dists = dists / 2  # ||a - b||² = 2 - 2cos for unit vectors
+    return codes, dists
+
+
+@torch.no_grad()
+def nearest_feature_per_code(
+    x_nd: torch.Tensor, codebook_kd: torch.Tensor, budget_elements: int = DEFAULT_BUDGET_ELEMENTS
+) -> torch.Tensor:
+    """For every code, the row of `x` closest to it (CVQ-VAE's "closest" anchor), chunked over N.
+
+    Returns (K, D) features in x's dtype.
+    """
+    e = codebook_kd.float()
+    k = e.shape[0]
+    best = torch.full((k,), float("inf"), device=x_nd.device)
+    best_idx = torch.zeros(k, dtype=torch.long, device=x_nd.device)
+    step = _chunk_rows(k, budget_elements)
+    e_sq = e.pow(2).sum(1)
+    for start in range(0, x_nd.shape[0], step):
+        x = x_nd[start : start + step].float()
+        d = torch.addmm(e_sq[None], x, e.t(), alpha=-2.0) + x.pow(2).sum(1, keepdim=True)
+        val, idx = d.min(dim=0)
+        better = val < best
+        best = torch.where(better, val, best)
+        best_idx = torch.where(better, idx + start, best_idx)
+    return x_nd[best_idx]

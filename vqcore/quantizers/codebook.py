@@ -1,0 +1,165 @@
+"""`Codebook`: G codebooks of K codes of dim d over flat tokens, the core that vq, pq, rvq,
+looc, hrvq and pyramid+vq share.
+
+Learning rules (choose with `update`):
+- "grad": codebook loss ||sg[x] - e||² + β ||x - sg[e]||² (VQ-VAE, arXiv:1711.00937, eq. 3).
+- "ema":  N_k ← γN_k + (1-γ)n_k, m_k ← γm_k + (1-γ)Σ x, e_k = m_k / N_k with Laplace
+          smoothing (VQ-VAE appendix A.1; Razavi et al. arXiv:1906.00446); loss β||x - sg[e]||².
+Optional CVQ-VAE online re-anchoring (Zheng & Vedaldi, arXiv:2307.15139, eq. 7-8): running
+usage p̄_k ← γp̄_k + (1-γ)n_k/N; α_k = exp(-p̄_k K 10 / (1-γ) - ε); e_k ← (1-α_k)e_k + α_k x̂_k,
+where x̂_k is the feature closest to e_k ("closest") or a random feature ("random").
+
+Distributed: batch statistics are all-reduced before any update, and re-anchored codes are
+broadcast from rank 0, so every rank keeps the same codebook.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vqcore.ops import all_reduce_sum_, broadcast_, nearest_code, nearest_feature_per_code
+from vqcore.ops.nearest import DEFAULT_BUDGET_ELEMENTS
+from vqcore.quantizers.base import CodeUsage
+
+UPDATES = ("grad", "ema")
+DISTANCES = ("l2", "cosine")
+ANCHORS = ("closest", "random")
+
+
+class Codebook(nn.Module):
+    def __init__(
+        self,
+        num_codes: int,
+        code_dim: int,
+        num_groups: int = 1,
+        beta: float = 0.25,
+        update: str = "grad",
+        ema_decay: float = 0.99,
+        eps: float = 1e-5,
+        distance: str = "l2",
+        cvq: bool = False,
+        cvq_anchor: str = "closest",
+        cvq_decay: float = 0.99,
+        owner: str = "codebook",
+    ):
+        super().__init__()
+        for key, value, allowed in (
+            ("update", update, UPDATES),
+            ("distance", distance, DISTANCES),
+            ("cvq_anchor", cvq_anchor, ANCHORS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{owner}: {key} must be one of {allowed}, got {value!r}")
+        if cvq and num_groups != 1:
+            raise ValueError(f"{owner}: cvq re-anchoring needs one codebook, got {num_groups}")
+        self.num_codes, self.code_dim, self.num_groups = num_codes, code_dim, num_groups
+        self.beta, self.update_rule, self.distance = beta, update, distance
+        self.ema_decay, self.eps = ema_decay, eps
+        self.cvq, self.cvq_anchor, self.cvq_decay = cvq, cvq_anchor, cvq_decay
+        init = torch.empty(num_groups, num_codes, code_dim).uniform_(-1 / num_codes, 1 / num_codes)
+        if update == "grad":
+            self.weight = nn.Parameter(init)
+        else:
+            self.register_buffer("weight", init)
+            self.register_buffer("ema_size", torch.zeros(num_groups, num_codes))
+            self.register_buffer("ema_sum", init.clone())
+        if cvq:
+            self.register_buffer("usage_ema", torch.zeros(num_codes))
+        self.usage = CodeUsage(num_codes, num_groups)
+
+    def codes_of(self, group: torch.Tensor | None) -> torch.Tensor:
+        w = self.weight if group is None else self.weight[group]
+        return F.normalize(w, dim=-1) if self.distance == "cosine" else w
+
+    # -- search and lookup
+    @torch.no_grad()
+    def search(self, x_nd: torch.Tensor, group_n: torch.Tensor | None = None) -> torch.Tensor:
+        """Nearest code of each token, searched only in its own codebook `group_n`."""
+        if group_n is None:
+            if self.num_groups != 1:
+                raise ValueError("Codebook.search: group_n is required with several codebooks")
+            return nearest_code(x_nd, self.weight[0], self.distance)[0]
+        return _grouped_nearest(x_nd, self.codes_of(None), group_n, self.distance)
+
+    def lookup(self, codes_n: torch.Tensor, group_n: torch.Tensor | None = None) -> torch.Tensor:
+        flat = codes_n if group_n is None else group_n * self.num_codes + codes_n
+        return self.codes_of(None).reshape(-1, self.code_dim)[flat]
+
+    # -- training step
+    def forward(
+        self, x_nd: torch.Tensor, group_n: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens (N, d) -> (e (N, d) with gradient to the codebook in "grad" mode, codes (N,),
+        loss, this batch's (G, K) histogram). No straight-through here: callers add it."""
+        if self.distance == "cosine":
+            x_nd = F.normalize(x_nd, dim=-1)
+        codes = self.search(x_nd, group_n)
+        sync = self.training
+        hist = self.usage.update(codes, group_n, sync=sync)
+        e = self.lookup(codes, group_n)
+        commit = F.mse_loss(x_nd, e.detach())
+        if self.update_rule == "grad":
+            loss = F.mse_loss(e, x_nd.detach()) + self.beta * commit
+        else:
+            loss = self.beta * commit
+        if self.training:
+            if self.update_rule == "ema":
+                self._ema_update(x_nd.detach(), codes, group_n, hist)
+            if self.cvq:
+                self._reanchor(x_nd.detach(), hist)
+        return e, codes, loss, hist
+
+    @torch.no_grad()
+    def _ema_update(self, x_nd, codes, group_n, hist) -> None:
+        flat = codes if group_n is None else group_n * self.num_codes + codes
+        sums = torch.zeros(self.num_groups * self.num_codes, self.code_dim, device=x_nd.device)
+        sums.index_add_(0, flat, x_nd.float())
+        all_reduce_sum_(sums)  # hist is already summed over ranks
+        gamma = self.ema_decay
+        self.ema_size.mul_(gamma).add_(hist, alpha=1 - gamma)
+        self.ema_sum.mul_(gamma).add_(sums.view_as(self.ema_sum), alpha=1 - gamma)
+        n = self.ema_size.sum(-1, keepdim=True)
+        size = (self.ema_size + self.eps) / (n + self.num_codes * self.eps) * n
+        self.weight.copy_(self.ema_sum / size.unsqueeze(-1))
+
+    @torch.no_grad()
+    def _reanchor(self, x_nd: torch.Tensor, hist: torch.Tensor) -> None:
+        gamma = self.cvq_decay
+        probs = hist[0] / hist[0].sum().clamp_min(1)
+        self.usage_ema.mul_(gamma).add_(probs, alpha=1 - gamma)
+        alpha = torch.exp(-self.usage_ema * self.num_codes * 10 / (1 - gamma) - 1e-3)[:, None]
+        if self.cvq_anchor == "closest":
+            anchors = nearest_feature_per_code(x_nd, self.weight[0], DEFAULT_BUDGET_ELEMENTS)
+        else:
+            pick = torch.randint(0, x_nd.shape[0], (self.num_codes,), device=x_nd.device)
+            anchors = x_nd[pick]
+        w = self.weight.data
+        w[0] = w[0] * (1 - alpha) + anchors.to(w.dtype) * alpha
+        broadcast_(w)  # anchors are rank-local features: rank 0's choice wins everywhere
+        if self.update_rule == "ema":
+            # keep the EMA state consistent with the moved codes
+            self.ema_sum.copy_(self.weight * self.ema_size.clamp_min(self.eps).unsqueeze(-1))
+
+
+def _grouped_nearest(
+    x_nd: torch.Tensor,
+    codebooks_gkd: torch.Tensor,
+    group_n: torch.Tensor,
+    distance: str,
+    budget_elements: int = DEFAULT_BUDGET_ELEMENTS,
+) -> torch.Tensor:
+    """Nearest code of token n within codebook group_n[n] only; chunked so at most
+    `budget_elements` gathered code entries are held at once."""
+    k, d = codebooks_gkd.shape[1:]
+    codes = torch.empty(x_nd.shape[0], dtype=torch.long, device=x_nd.device)
+    step = max(1, budget_elements // (k * d))
+    for start in range(0, x_nd.shape[0], step):
+        x = x_nd[start : start + step].float()
+        cb = codebooks_gkd[group_n[start : start + step]].float()  # (n, K, d)
+        if distance == "cosine":
+            x = F.normalize(x, dim=-1)
+        dist = (cb - x[:, None]).pow(2).sum(-1)
+        codes[start : start + step] = dist.argmin(-1)
+    return codes
