@@ -1,0 +1,132 @@
+"""Forward + backward of every quantizer family, side by side with vector-quantize-pytorch.
+
+    python benchmarks/quantizers.py --device cuda --tokens 65536          # all cases
+    python benchmarks/quantizers.py --device cpu --tokens 8192 --cases vq_d256_k8192_ema
+
+Prints one JSON object per line (case, impl, device, dtype, shape, ms, peak memory,
+tokens/s, git revision). Runs with torch alone; the vector-quantize-pytorch rows appear
+when `vector_quantize_pytorch` is importable (pip install "vector-quantize-pytorch==1.32.0").
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import device_name, emit, git_rev, measure  # noqa: E402
+from vqcore.quantizers import build  # noqa: E402
+
+# case -> (channels D, our config, vector-quantize-pytorch constructor or None)
+CASES: dict[str, tuple[int, dict, Callable | None]] = {
+    "vq_d256_k8192_ema": (
+        256,
+        {"type": "vq", "codebook_size": 8192, "update": "ema"},
+        lambda m: m.VectorQuantize(dim=256, codebook_size=8192, decay=0.99),
+    ),
+    "looc_d256_m32_k256": (
+        256,
+        {"type": "looc", "codebook_dim": 8, "codebook_size": 256, "alpha": 1},
+        lambda m: m.VectorQuantize(
+            dim=256, codebook_size=256, codebook_dim=8, heads=32, decay=0.99
+        ),  # one codebook shared by the 32 heads (separate_codebook_per_head=False)
+    ),
+    "looc_d256_m32_k256_alpha2": (
+        256,
+        {"type": "looc", "codebook_dim": 8, "codebook_size": 256, "alpha": 2},
+        None,
+    ),
+    "rvq_d256_4x1024": (
+        256,
+        {"type": "rvq", "num_quantizers": 4, "codebook_size": 1024, "update": "ema"},
+        lambda m: m.ResidualVQ(dim=256, num_quantizers=4, codebook_size=1024, decay=0.99),
+    ),
+    "lfq_2^14": (14, {"type": "lfq"}, lambda m: m.LFQ(dim=14, codebook_size=2**14)),
+    "lfq_2^16": (16, {"type": "lfq"}, lambda m: m.LFQ(dim=16, codebook_size=2**16)),
+    "fsq_8x8x8x5x5x5": (
+        6,
+        {"type": "fsq", "levels": [8, 8, 8, 5, 5, 5]},
+        lambda m: m.FSQ([8, 8, 8, 5, 5, 5]),
+    ),
+    "hrvq_d256_2x90": (256, {"type": "hrvq", "num_layers": 2, "codebook_size": 90}, None),
+    "vq_d256_k8100_flat": (256, {"type": "vq", "codebook_size": 8100, "update": "ema"}, None),
+    "pq_d256_s4_k16": (256, {"type": "pq", "num_subspaces": 4, "codebook_size": 16}, None),
+    "gvq_d256_k4096": (256, {"type": "gvq", "codebook_size": 4096}, None),
+    "pyramid_lfq_d16": (16, {"type": "pyramid", "inner": {"type": "lfq"}}, None),
+    "rvq_lfq_d16": (16, {"type": "rvq_lfq"}, None),
+}
+
+
+def _ours(spec: dict, dim: int, z: torch.Tensor):
+    q = build({**spec, "dim": dim}).to(z.device).train()
+
+    def step():
+        z.grad = None
+        out = q(z)
+        (out.z_q.square().mean() + out.loss).backward()
+
+    return step
+
+
+def _theirs(ctor: Callable, z: torch.Tensor):
+    import vector_quantize_pytorch
+
+    q = ctor(vector_quantize_pytorch).to(z.device).train()
+    x = z.detach().flatten(2).transpose(1, 2).contiguous().requires_grad_()  # (B, N, D)
+
+    def step():
+        x.grad = None
+        out = q(x)
+        zq, loss = out[0], out[-1]
+        loss = loss.sum() if torch.is_tensor(loss) else 0.0
+        (zq.square().mean() + loss).backward()
+
+    return step
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tokens", type=int, default=None, help="N per call (cuda 65536, cpu 8192)")
+    p.add_argument("--cases", nargs="*", default=list(CASES))
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--no-reference", action="store_true", help="skip vector-quantize-pytorch")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    n = args.tokens or (65536 if device.type == "cuda" else 8192)
+    side = 32 if n % 1024 == 0 else 1
+    try:
+        import vector_quantize_pytorch  # noqa: F401
+
+        have_ref = not args.no_reference
+    except ImportError:
+        have_ref = False
+    common = {"device": device_name(device), "dtype": "float32", "tokens": n, "git": git_rev()}
+    for case in args.cases:
+        dim, spec, ctor = CASES[case]
+        torch.manual_seed(0)
+        shape = (n // (side * side), dim, side, side)
+        z = torch.randn(shape, device=device, requires_grad=True)
+        runs = [("vqtok", _ours, (spec, dim, z))]
+        if have_ref and ctor:
+            runs.append(("vector-quantize-pytorch", _theirs, (ctor, z)))
+        for impl, make, make_args in runs:
+            rec = {"case": case, "impl": impl, "shape": list(shape), **common}
+            try:
+                stats = measure(make(*make_args), device, iters=args.iters)
+                rec.update(stats, tokens_per_s=n / (stats["ms_median"] / 1e3))
+            except torch.OutOfMemoryError:
+                rec["error"] = "out of memory"
+            except Exception as exc:  # report and go on: one broken case must not hide the rest
+                rec["error"] = f"{type(exc).__name__}: {exc}"
+            emit(rec)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
