@@ -13,6 +13,8 @@ from vqcore.quantizers import build, names
 CASES = [{"type": n, "dim": 8} for n in names()] + [
     {"type": "vq", "dim": 8, "codebook_size": 16, "update": "ema", "cvq": True},
     {"type": "vq", "dim": 8, "codebook_size": 16, "cvq": True, "cvq_anchor": "random"},
+    # quantize-dropout draws how many levels run; every rank must run the same ones
+    {"type": "rvq", "dim": 8, "quantize_dropout": 1.0},
 ]
 
 
