@@ -72,11 +72,11 @@ def nearest_feature_per_code(
     best = torch.full((k,), float("inf"), device=x_nd.device)
     best_idx = torch.zeros(k, dtype=torch.long, device=x_nd.device)
     step = _chunk_rows(k, budget_elements)
-    e_sq = e.pow(2).sum(1)
     for start in range(0, x_nd.shape[0], step):
         x = x_nd[start : start + step].float()
-        d = torch.addmm(e_sq[None], x, e.t(), alpha=-2.0) + x.pow(2).sum(1, keepdim=True)
-        val, idx = d.min(dim=0)
+        # (K, n) layout: the min runs along contiguous rows; ||e||² is constant per row
+        d = torch.addmm(x.pow(2).sum(1)[None], e, x.t(), alpha=-2.0)
+        val, idx = d.min(dim=1)
         better = val < best
         best = torch.where(better, val, best)
         best_idx = torch.where(better, idx + start, best_idx)

@@ -7,7 +7,13 @@ Learning rules (choose with `update`):
           smoothing (VQ-VAE appendix A.1; Razavi et al. arXiv:1906.00446); loss β||x - sg[e]||².
 Optional CVQ-VAE online re-anchoring (Zheng & Vedaldi, arXiv:2307.15139, eq. 7-8): running
 usage p̄_k ← γp̄_k + (1-γ)n_k/N; α_k = exp(-p̄_k K 10 / (1-γ) - ε); e_k ← (1-α_k)e_k + α_k x̂_k,
-where x̂_k is the feature closest to e_k ("closest") or a random feature ("random").
+where x̂_k is the feature closest to e_k ("closest") or a random feature ("random"). With G
+codebooks this runs per codebook over the tokens searched in it; a codebook that got no token
+in a batch (all ranks together) keeps its running usage and its codes.
+
+Grouped search (`group_n`): each token is searched only in its own codebook. With few groups
+present (pq's sub-spaces, the first layers of an hrvq tree) that is one chunked matmul search
+per group; with many small groups (deep hrvq layers) each token's codebook is gathered, chunked.
 
 Distributed: batch statistics are all-reduced before any update, and re-anchored codes are
 broadcast from rank 0, so every rank keeps the same codebook.
@@ -52,8 +58,6 @@ class Codebook(nn.Module):
         ):
             if value not in allowed:
                 raise ValueError(f"{owner}: {key} must be one of {allowed}, got {value!r}")
-        if cvq and num_groups != 1:
-            raise ValueError(f"{owner}: cvq re-anchoring needs one codebook, got {num_groups}")
         self.num_codes, self.code_dim, self.num_groups = num_codes, code_dim, num_groups
         self.beta, self.update_rule, self.distance = beta, update, distance
         self.ema_decay, self.eps = ema_decay, eps
@@ -63,10 +67,12 @@ class Codebook(nn.Module):
             self.weight = nn.Parameter(init)
         else:
             self.register_buffer("weight", init)
-            self.register_buffer("ema_size", torch.zeros(num_groups, num_codes))
+            # N_k starts at 1 with m_k = e_k, so e_k = m_k / N_k holds from step 0 and a code no
+            # token reaches keeps its value (from 0, m_k / N_k would blow up by ~1/eps)
+            self.register_buffer("ema_size", torch.ones(num_groups, num_codes))
             self.register_buffer("ema_sum", init.clone())
         if cvq:
-            self.register_buffer("usage_ema", torch.zeros(num_codes))
+            self.register_buffer("usage_ema", torch.zeros(num_groups, num_codes))
         self.usage = CodeUsage(num_codes, num_groups)
 
     def codes_of(self, group: torch.Tensor | None) -> torch.Tensor:
@@ -108,7 +114,7 @@ class Codebook(nn.Module):
             if self.update_rule == "ema":
                 self._ema_update(x_nd.detach(), codes, group_n, hist)
             if self.cvq:
-                self._reanchor(x_nd.detach(), hist)
+                self._reanchor(x_nd.detach(), group_n, hist)
         return e, codes, loss, hist
 
     @torch.no_grad()
@@ -125,22 +131,52 @@ class Codebook(nn.Module):
         self.weight.copy_(self.ema_sum / size.unsqueeze(-1))
 
     @torch.no_grad()
-    def _reanchor(self, x_nd: torch.Tensor, hist: torch.Tensor) -> None:
+    def _reanchor(
+        self, x_nd: torch.Tensor, group_n: torch.Tensor | None, hist: torch.Tensor
+    ) -> None:
         gamma = self.cvq_decay
-        probs = hist[0] / hist[0].sum().clamp_min(1)
-        self.usage_ema.mul_(gamma).add_(probs, alpha=1 - gamma)
-        alpha = torch.exp(-self.usage_ema * self.num_codes * 10 / (1 - gamma) - 1e-3)[:, None]
-        if self.cvq_anchor == "closest":
-            anchors = nearest_feature_per_code(x_nd, self.weight[0], DEFAULT_BUDGET_ELEMENTS)
-        else:
-            pick = torch.randint(0, x_nd.shape[0], (self.num_codes,), device=x_nd.device)
-            anchors = x_nd[pick]
+        total = hist.sum(1, keepdim=True)  # (G, 1), summed over ranks
+        probs = hist / total.clamp_min(1)
+        moved = self.usage_ema.mul(gamma).add_(probs, alpha=1 - gamma)
+        self.usage_ema.copy_(torch.where(total > 0, moved, self.usage_ema))  # unseen: keep
+        alpha = torch.exp(-self.usage_ema * self.num_codes * 10 / (1 - gamma) - 1e-3)  # (G, K)
         w = self.weight.data
-        w[0] = w[0] * (1 - alpha) + anchors.to(w.dtype) * alpha
+        for g, x_g in _tokens_by_group(x_nd, group_n, self.num_groups):
+            if self.cvq_anchor == "closest":
+                anchors = nearest_feature_per_code(x_g, w[g], DEFAULT_BUDGET_ELEMENTS)
+            else:
+                pick = torch.randint(0, x_g.shape[0], (self.num_codes,), device=x_nd.device)
+                anchors = x_g[pick]
+            a = alpha[g, :, None]
+            w[g] = w[g] * (1 - a) + anchors.to(w.dtype) * a
         broadcast_(w)  # anchors are rank-local features: rank 0's choice wins everywhere
         if self.update_rule == "ema":
             # keep the EMA state consistent with the moved codes
             self.ema_sum.copy_(self.weight * self.ema_size.clamp_min(self.eps).unsqueeze(-1))
+
+
+# Search group by group while there are at most this many groups present, or on average at
+# least TOKENS_PER_GROUP_LOOP tokens per group; otherwise gather each token's codebook.
+MAX_LOOP_GROUPS = 64
+TOKENS_PER_GROUP_LOOP = 32
+
+
+def _split_by_group(group_n: torch.Tensor, num_groups: int) -> tuple[list[int], tuple]:
+    """Groups present (ascending) and, for each, the indices of its tokens (one host sync)."""
+    counts = torch.bincount(group_n, minlength=num_groups)
+    present = counts.nonzero().flatten()
+    order = torch.argsort(group_n, stable=True)
+    return present.tolist(), order.split(counts[present].tolist())
+
+
+def _tokens_by_group(x_nd: torch.Tensor, group_n: torch.Tensor | None, num_groups: int):
+    """Yield (group, its tokens (n_g, d)) for every group with at least one token."""
+    if group_n is None:
+        yield 0, x_nd
+        return
+    groups, indices = _split_by_group(group_n, num_groups)
+    for g, idx in zip(groups, indices):
+        yield g, x_nd[idx]
 
 
 def _grouped_nearest(
@@ -150,16 +186,30 @@ def _grouped_nearest(
     distance: str,
     budget_elements: int = DEFAULT_BUDGET_ELEMENTS,
 ) -> torch.Tensor:
-    """Nearest code of token n within codebook group_n[n] only; chunked so at most
-    `budget_elements` gathered code entries are held at once."""
-    k, d = codebooks_gkd.shape[1:]
-    codes = torch.empty(x_nd.shape[0], dtype=torch.long, device=x_nd.device)
+    """Nearest code of token n within codebook group_n[n] only, never the (N, G·K) distances.
+
+    Few groups present: one `nearest_code` matmul search per group. Many small groups: each
+    token's codebook is gathered, chunked so at most `budget_elements` entries are held.
+    """
+    g, k, d = codebooks_gkd.shape
+    n = x_nd.shape[0]
+    codes = torch.empty(n, dtype=torch.long, device=x_nd.device)
+    groups, indices = _split_by_group(group_n, g)
+    if len(groups) <= max(MAX_LOOP_GROUPS, n // TOKENS_PER_GROUP_LOOP):
+        for grp, idx in zip(groups, indices):
+            codes[idx] = nearest_code(x_nd[idx], codebooks_gkd[grp], distance, budget_elements)[0]
+        return codes
     step = max(1, budget_elements // (k * d))
-    for start in range(0, x_nd.shape[0], step):
+    codebooks = codebooks_gkd.float()
+    if distance == "cosine":
+        codebooks = F.normalize(codebooks, dim=-1)
+    e_sq = codebooks.pow(2).sum(-1)  # (G, K)
+    for start in range(0, n, step):
         x = x_nd[start : start + step].float()
-        cb = codebooks_gkd[group_n[start : start + step]].float()  # (n, K, d)
         if distance == "cosine":
             x = F.normalize(x, dim=-1)
-        dist = (cb - x[:, None]).pow(2).sum(-1)
-        codes[start : start + step] = dist.argmin(-1)
+        grp = group_n[start : start + step]
+        # ||e||² - 2 e·x as in nearest_code (||x||² does not move the argmin); (n, K, d) gathered
+        dist = torch.baddbmm(e_sq[grp].unsqueeze(-1), codebooks[grp], x.unsqueeze(-1), alpha=-2.0)
+        codes[start : start + step] = dist.squeeze(-1).argmin(-1)
     return codes

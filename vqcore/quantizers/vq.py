@@ -39,9 +39,9 @@ class VQConfig(QuantizerConfig):
     def validate(self) -> None:
         super().validate()
         if self.codebook_size < 2:
-            raise ValueError(f"vq: codebook_size must be >= 2, got {self.codebook_size}")
+            raise ValueError(f"{self.type}: codebook_size must be >= 2, got {self.codebook_size}")
         if not 0 < self.ema_decay < 1 or not 0 < self.cvq_decay < 1:
-            raise ValueError("vq: ema_decay and cvq_decay must lie in (0, 1)")
+            raise ValueError(f"{self.type}: ema_decay and cvq_decay must lie in (0, 1)")
 
     def codebook_kwargs(self) -> dict:
         """The Codebook arguments, shared by every quantizer built from vq settings."""

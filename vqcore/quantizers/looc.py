@@ -1,0 +1,157 @@
+"""`looc`: LooC, a low-dimensional codebook for compositional VQ (LooC seed 001, sec. 3.2-3.4).
+
+Low-dimensional codebook (sec. 3.2): each C-vector is split into m = C/d sub-vectors and
+EVERY sub-vector is quantized by the ONE shared codebook of K codes of dim d (Codebook with
+G = 1 over N·m tokens), so K·d parameters give K^m composite codes; unlike PQ (seed eq. 2)
+there is no per-position codebook. d = C is plain VQ.
+
+Extrapolation-by-interpolation (sec. 3.2, "Feature Enhancement and Smoothness"): the latent
+map is upsampled ×α with bilinear interpolation, every vector of the larger map is quantized,
+and α×α average pooling brings it back to the input size. α is an integer and the upsampled
+size is exactly α·S, so pooling with kernel = stride = α restores S for any S. α = 1 disables
+it. 3D input (B, C, T, H, W): by default H and W are upsampled per frame (time kept, pool
+(1, α, α)); `interpolate_time=True` upsamples T too (trilinear, pool (α, α, α)).
+
+Loss (seed eq. 3, recon term left to the model): ||sg[z↑] - e||² + β||z↑ - sg[e]||² on the
+sub-vectors of the upsampled map z↑; the straight-through estimator sits on z↑, so the
+gradient to z passes through the (parameter-free, linear) upsample and pool, as when LooC is
+plugged between them in a VQ-VAE. CVQ-VAE re-anchoring of dead codes is on by default (sec. 3.4).
+
+Shapes: z (B, C, *S) -> z↑ (B, C, *S↑) -> tokens (N↑, C) -> sub-vectors (N↑·m, d);
+codes (B, m, *S↑) (one code per sub-vector at the upsampled grid); decode = lookup, concat,
+pool, which is exactly the eval-mode forward z_q.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from vqcore.quantizers.base import (
+    Quantized,
+    Quantizer,
+    from_tokens,
+    straight_through,
+    to_tokens,
+)
+from vqcore.quantizers.codebook import Codebook
+from vqcore.quantizers.registry import register
+from vqcore.quantizers.vq import VQConfig
+
+
+@dataclass
+class LooCConfig(VQConfig):
+    """LooC; the learning-rule fields (beta, update, ema_decay, distance, cvq_*) are
+    VQConfig's and apply to the shared codebook."""
+
+    type: ClassVar[str] = "looc"
+    codebook_size: int = 64  # K shared codes, small by design (seed sec. 4.2)
+    # d, dim of a sub-vector and of a code; None: 4 if dim % 4 == 0, else 2 if even, else 1
+    codebook_dim: int | None = None
+    alpha: int = 2  # extrapolation-by-interpolation factor α (paper's best: 2); 1 disables
+    interpolate_time: bool = False  # 3D input: also upsample T (trilinear) instead of H, W only
+    cvq: bool = True  # CVQ-VAE re-anchoring of dead codes (seed sec. 3.4)
+
+    def __post_init__(self) -> None:
+        if self.codebook_dim is None:
+            self.codebook_dim = 4 if self.dim % 4 == 0 else 2 if self.dim % 2 == 0 else 1
+
+    def validate(self) -> None:
+        super().validate()
+        d = self.codebook_dim
+        if d < 1 or self.dim % d:
+            raise ValueError(
+                f"looc: codebook_dim must be a positive divisor of dim={self.dim}, got {d}"
+            )
+        if not isinstance(self.alpha, int) or isinstance(self.alpha, bool) or self.alpha < 1:
+            raise ValueError(f"looc: alpha must be an integer >= 1, got {self.alpha!r}")
+
+
+@register(LooCConfig)
+class LooCQuantizer(Quantizer):
+    config: LooCConfig
+
+    def __init__(self, config: LooCConfig):
+        super().__init__(config)
+        self.codebook_dim = config.codebook_dim
+        self.num_subvectors = config.dim // config.codebook_dim  # m
+        self.alpha = config.alpha
+        # ONE K×d codebook shared by all m sub-vectors (seed sec. 3.2)
+        self.codebook = Codebook(
+            config.codebook_size, config.codebook_dim, owner="looc", **config.codebook_kwargs()
+        )
+        self.usage = self.codebook.usage
+
+    # -- extrapolation-by-interpolation
+    def _factors(self, rank: int) -> tuple[int, ...]:
+        """Upsampling factor per spatial dim of a rank-4 (H, W) or rank-5 (T, H, W) tensor."""
+        a = self.alpha
+        if rank == 4:
+            return (a, a)
+        return (a if self.config.interpolate_time else 1, a, a)
+
+    def _upsample(self, z: torch.Tensor) -> torch.Tensor:
+        """Bilinear ×α over (H, W) (trilinear over T too if `interpolate_time`), exact size
+        α·S. A factor-1 dim under trilinear with align_corners=False samples the source
+        exactly (weight 1 on frame t, 0 on t+1), so that is per-frame bilinear."""
+        if self.alpha == 1:
+            return z
+        factors = self._factors(z.dim())
+        size = [s * f for s, f in zip(z.shape[2:], factors)]
+        mode = "bilinear" if z.dim() == 4 else "trilinear"
+        return F.interpolate(z, size=size, mode=mode, align_corners=False)
+
+    def _pool(self, q_up: torch.Tensor) -> torch.Tensor:
+        """α×α (×α) average pooling, kernel = stride, back to the input size."""
+        if self.alpha == 1:
+            return q_up
+        factors = self._factors(q_up.dim())
+        pool = F.avg_pool2d if q_up.dim() == 4 else F.avg_pool3d
+        return pool(q_up, kernel_size=factors, stride=factors)
+
+    def _bits(self, rank: int) -> float:
+        """α^k · m · log2 K bits per input position, k = number of upsampled dims."""
+        upsampled = math.prod(self._factors(rank))
+        return upsampled * self.num_subvectors * math.log2(self.config.codebook_size)
+
+    @property
+    def bits_per_token(self) -> float:
+        """For 2D input (and 3D with time kept); 3D with `interpolate_time` costs α× more,
+        which the forward's `bits_per_token` metric reports."""
+        return self._bits(4)
+
+    # -- quantizer API
+    def quantize(self, z: torch.Tensor) -> Quantized:
+        z_up = self._upsample(z)
+        x, spatial = to_tokens(z_up)  # (N↑, C)
+        n, m = x.shape[0], self.num_subvectors
+        sub = x.reshape(n * m, self.codebook_dim)  # every sub-vector is a token of ONE codebook
+        e, codes, loss, hist = self.codebook(sub)  # seed eq. 3 codebook + commitment terms
+        if self.config.distance == "cosine":
+            sub = F.normalize(sub, dim=-1)
+        q_up = from_tokens(straight_through(sub, e).reshape(n, self.dim), spatial)
+        z_q = self._pool(q_up)
+        metrics = self.usage.stats(hist)
+        metrics["bits_per_token"] = torch.tensor(self._bits(z.dim()))
+        return Quantized(z_q, from_tokens(codes.view(n, m), spatial), loss, metrics)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        m = self.num_subvectors
+        if codes.dim() not in (4, 5) or codes.shape[1] != m:
+            raise ValueError(
+                f"LooCQuantizer: expected codes (B, {m}, *S↑) with S↑ = (H, W) or (T, H, W), "
+                f"got shape {tuple(codes.shape)}"
+            )
+        factors = self._factors(codes.dim())
+        if any(s % f for s, f in zip(codes.shape[2:], factors)):
+            raise ValueError(
+                f"LooCQuantizer: upsampled code grid {tuple(codes.shape[2:])} is not a "
+                f"multiple of the factors {factors} (alpha={self.alpha})"
+            )
+        c, spatial = to_tokens(codes)  # (N↑, m)
+        e = self.codebook.lookup(c.reshape(-1)).reshape(-1, self.dim)  # concat m codes
+        return self._pool(from_tokens(e, spatial))
