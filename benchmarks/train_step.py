@@ -1,0 +1,183 @@
+"""One tokenizer training step (generator + discriminator) of PVQ-VAE and image tokenizers.
+
+    python benchmarks/train_step.py --device cuda --models pvqvae:default --batch 1 \
+        --frames 16 --size 256x256 --dtypes bf16 --compile off,on
+    python benchmarks/train_step.py --device cpu --models pvqvae:debug,image_tokenizer:vqvae_debug \
+        --frames 4 --size 32x32 --iters 3
+
+Per case (model × dtype × compile) one JSON line: median/p90 ms per step, clips/s, peak
+memory, FLOPs per step (torch.utils.flop_counter.FlopCounterMode over one eager step:
+convolutions and matmuls), achieved TFLOP/s and MFU against `--peak-tflops` or the table
+below (CUDA only; on CPU, read achieved GFLOP/s). The step is what a trainer runs: forward,
+the generator loss of `vqcore.losses.TokenizerLoss` (L1 + quantizer + GAN with VQGAN's adaptive
+weight; no LPIPS) and an Adam step, then the discriminator's hinge loss and Adam step. The
+discriminator (`vqcore.models.discriminator`) and the losses are imported lazily: without
+them the step is L1 + quantizer loss only. bf16 = autocast with fp32 weights.
+Runs with torch alone, on CUDA or CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import device_name, emit, git_rev, measure  # noqa: E402
+from vqcore.models import build_model  # noqa: E402
+
+# dense peak TFLOP/s by device-name substring (first match): bf16 tensor cores; fp32 is TF32
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp32": 494.0},
+    "H100 PCIe": {"bf16": 756.0, "fp32": 378.0},
+    "H100": {"bf16": 989.0, "fp32": 494.0},
+    "A100": {"bf16": 312.0, "fp32": 156.0},
+}
+
+
+def _optional(module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def peak_tflops(device: torch.device, dtype: str, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v[dtype] for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def make_batch(kind: str, args, device: torch.device) -> torch.Tensor:
+    h, w = args.size
+    shape = (
+        (args.batch, 3, h, w) if kind == "image_tokenizer" else (args.batch, 3, args.frames, h, w)
+    )
+    return torch.rand(shape, device=device) * 2 - 1
+
+
+def build_case(spec: str, args, device: torch.device):
+    """(model, discriminator or None, loss or None, optimizers) for `type:flavour`."""
+    kind, _, flavour = spec.partition(":")
+    cfg = {"type": kind, **({"flavour": flavour} if flavour else {})}
+    if args.quantizer:
+        cfg["quantizer"] = ast.literal_eval(args.quantizer)  # a dict literal
+    model = build_model(cfg).to(device)
+    disc = loss = None
+    disc_mod, losses = _optional("vqcore.models.discriminator"), _optional("vqcore.losses")
+    if args.disc and disc_mod is not None and kind in ("image_tokenizer", "pvqvae"):
+        dtype = "patch2d" if kind == "image_tokenizer" else "disc3d"
+        dspec = {"type": dtype} | ({"flavour": "debug"} if flavour.endswith("debug") else {})
+        disc = disc_mod.build_discriminator(dspec).to(device)
+    if losses is not None:
+        loss = losses.TokenizerLoss(losses.TokenizerLossConfig(perceptual_weight=0.0)).to(device)
+    opt_g = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-8)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-5, betas=(0.9, 0.95)) if disc else None
+    return kind, model, disc, loss, opt_g, opt_d
+
+
+def make_step(model, fwd, disc, loss, opt_g, opt_d, x, device, dtype):
+    """A closure running one generator step and (with a discriminator) one D step."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+    def step():
+        with autocast:
+            x_hat, q = fwd(x)
+            if loss is None:
+                g = F.l1_loss(x_hat.float(), x) + q.loss.float()
+            else:
+                g = loss.generator(
+                    x_hat, x, q.loss, step=1, disc=disc, last_layer=model.last_layer
+                ).total
+        opt_g.zero_grad(set_to_none=True)
+        g.backward()
+        opt_g.step()
+        if disc is not None and loss is not None:
+            with autocast:
+                d = loss.discriminator(x_hat.detach(), x, step=1, disc=disc).total
+            opt_d.zero_grad(set_to_none=True)
+            d.backward()
+            opt_d.step()
+
+    return step
+
+
+def run_case(spec: str, dtype: str, compiled: bool, args, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    kind, model, disc, loss, opt_g, opt_d = build_case(spec, args, device)
+    x = make_batch(kind, args, device)
+    eager = make_step(model, model, disc, loss, opt_g, opt_d, x, device, dtype)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        eager()
+    flops = counter.get_total_flops()
+    fwd = torch.compile(model) if compiled else model
+    step = make_step(model, fwd, disc, loss, opt_g, opt_d, x, device, dtype)
+    timing = measure(step, device, warmup=args.warmup, iters=args.iters)
+    seconds = timing["ms_median"] / 1e3
+    peak = peak_tflops(device, dtype, args.peak_tflops)
+    achieved = flops / seconds / 1e12
+    return {
+        "bench": "train_step",
+        "case": f"{spec}/{dtype}/{'compiled' if compiled else 'eager'}",
+        "model": kind,
+        "device": device_name(device),
+        "dtype": dtype,
+        "compile": compiled,
+        "discriminator": disc is not None,
+        "shape": list(x.shape),
+        "params_g": sum(p.numel() for p in model.parameters()),
+        "params_d": sum(p.numel() for p in disc.parameters()) if disc else 0,
+        **timing,
+        "clips_per_s": x.shape[0] / seconds,
+        "flops_per_step": flops,
+        "achieved_tflops": achieved,
+        "achieved_gflops": achieved * 1e3,
+        "mfu": achieved / peak if peak else None,
+        "peak_tflops": peak,
+        "git_rev": git_rev(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--models",
+        default="pvqvae:default,image_tokenizer:vqvae",
+        help="comma list of type:flavour",
+    )
+    p.add_argument("--quantizer", default=None, help="override, a dict literal")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--size", default="256x256", help="HxW")
+    p.add_argument("--dtypes", default="bf16", help="comma list of fp32, bf16")
+    p.add_argument("--compile", default="off", help="comma list of off, on")
+    p.add_argument("--no-disc", dest="disc", action="store_false")
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    args = p.parse_args(argv)
+    args.size = tuple(int(v) for v in args.size.lower().split("x"))
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    for spec in args.models.split(","):
+        for dtype in args.dtypes.split(","):
+            if dtype not in ("fp32", "bf16"):
+                raise SystemExit(f"--dtypes: unknown dtype {dtype!r} (fp32, bf16)")
+            for c in args.compile.split(","):
+                emit(run_case(spec, dtype, c == "on", args, device))
+
+
+if __name__ == "__main__":
+    main()

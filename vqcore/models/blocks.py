@@ -1,0 +1,257 @@
+"""Conv encoder/decoder blocks for 2D images and 3D clips, one implementation for both.
+
+VQGAN (Esser et al., arXiv:2012.09841, fig. 2 / its `Encoder`, `Decoder`) and CVQ-VAE
+(arXiv:2307.15139) style: ResBlock = norm → SiLU → conv3 → norm → SiLU → conv3 (+ 1×1 skip
+projection when the width changes); levels of ResBlocks with channel multipliers; a stride-2
+conv to downsample, nearest-neighbour ×2 + conv3 to upsample. No attention: PVQ-VAE puts a
+global FFT branch where VQGAN has its mid attention (see `pvqvae.py`).
+
+`dims` = 2 for (B, C, H, W), 3 for (B, C, T, H, W). Spatial and temporal factors are
+separate: `stage_strides(spatial, temporal, dims)` gives the stride of every down-sampling
+stage, e.g. space ×4, time ×2 → [(1, 2, 2), (2, 2, 2)] (time is reduced in the last stages).
+
+Encoder and Decoder are split in two so a caller can tile the part that runs at high
+resolution (`trunk`) and run the part at latent resolution (`head`) on the whole map:
+    Encoder: trunk = conv_in + levels (+ down-sampling);  head = mid ResBlock, norm, conv_out
+    Decoder: head = conv_in + mid ResBlock;  trunk = levels (+ up-sampling), norm, conv_out
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORMS = ("group", "channel")
+Stride = tuple[int, ...]
+
+
+def conv(dims: int, cin: int, cout: int, kernel: int = 3, stride: Stride | int = 1) -> nn.Module:
+    """Conv2d/Conv3d with 'same' padding for odd kernels."""
+    cls = {2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    return cls(cin, cout, kernel, stride=stride, padding=kernel // 2)
+
+
+def _log2(factor: int, what: str) -> int:
+    n = int(round(math.log2(factor))) if factor > 0 else -1
+    if n < 0 or 2**n != factor:
+        raise ValueError(f"{what} must be a power of 2, got {factor}")
+    return n
+
+
+def stage_strides(spatial_factor: int, temporal_factor: int, dims: int) -> list[Stride]:
+    """Stride of each ×2 down-sampling stage: space in the first log2(spatial) stages,
+    time in the last log2(temporal) ones (dims=2: temporal_factor must be 1)."""
+    n_s = _log2(spatial_factor, "spatial down-sampling factor")
+    n_t = _log2(temporal_factor, "temporal down-sampling factor")
+    if dims == 2 and n_t:
+        raise ValueError(f"a 2D model has no time axis, got temporal factor {temporal_factor}")
+    n = max(n_s, n_t)
+    strides = []
+    for i in range(n):
+        s = 2 if i < n_s else 1
+        strides.append((s, s) if dims == 2 else (2 if i >= n - n_t else 1, s, s))
+    return strides
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels at each position (ConvNeXt's channels-first LayerNorm,
+    arXiv:2201.03545): a local norm, so tiled and untiled runs agree exactly away from tile
+    borders (GroupNorm's statistics are per window). Statistics in float32."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        var, mean = torch.var_mean(xf, dim=1, keepdim=True, correction=0)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        return (y * self.weight.view(shape) + self.bias.view(shape)).to(x.dtype)
+
+
+def norm_layer(kind: str, channels: int, groups: int = 32) -> nn.Module:
+    """`kind` "group": GroupNorm(gcd(groups, C)) as in VQGAN; "channel": `ChannelNorm`."""
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(groups, channels), channels, eps=1e-6)
+    if kind == "channel":
+        return ChannelNorm(channels)
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+
+
+class ResBlock(nn.Module):
+    """x + conv(SiLU(norm(conv(SiLU(norm(x)))))), 1×1 projection of x if cin != cout."""
+
+    def __init__(
+        self,
+        dims: int,
+        cin: int,
+        cout: int,
+        norm: str = "group",
+        groups: int = 32,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.norm1, self.conv1 = norm_layer(norm, cin, groups), conv(dims, cin, cout)
+        self.norm2, self.conv2 = norm_layer(norm, cout, groups), conv(dims, cout, cout)
+        self.dropout = nn.Dropout(dropout)
+        self.skip = conv(dims, cin, cout, kernel=1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    """Stride-`stride` 3×3(×3) conv; halves each axis with stride 2 (even sizes)."""
+
+    def __init__(self, dims: int, channels: int, stride: Stride):
+        super().__init__()
+        self.conv = conv(dims, channels, channels, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour up-sampling by `stride` per axis, then a 3×3(×3) conv."""
+
+    def __init__(self, dims: int, channels: int, stride: Stride):
+        super().__init__()
+        self.stride = tuple(float(s) for s in stride)
+        self.conv = conv(dims, channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=self.stride, mode="nearest"))
+
+
+def _widths(channels: int, channel_mult: Sequence[int], n_stages: int) -> list[int]:
+    if len(channel_mult) < n_stages + 1:
+        raise ValueError(
+            f"channel_mult {tuple(channel_mult)} has {len(channel_mult)} levels; "
+            f"{n_stages} down-sampling stages need at least {n_stages + 1}"
+        )
+    return [channels * m for m in channel_mult]
+
+
+class Encoder(nn.Module):
+    """x (B, in_channels, *S) -> z (B, out_channels, *S / strides).
+
+    Level i has `num_res_blocks` ResBlocks at width channels·channel_mult[i]; stage i (after
+    level i, for i < len(strides)) down-samples by strides[i].
+    """
+
+    def __init__(
+        self,
+        dims: int,
+        in_channels: int,
+        out_channels: int,
+        channels: int,
+        channel_mult: Sequence[int],
+        num_res_blocks: int,
+        strides: Sequence[Stride],
+        norm: str = "group",
+        norm_groups: int = 32,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        widths = _widths(channels, channel_mult, len(strides))
+        block = dict(norm=norm, groups=norm_groups, dropout=dropout)
+        self.conv_in = conv(dims, in_channels, widths[0])
+        self.levels = nn.ModuleList()
+        cin = widths[0]
+        for i, width in enumerate(widths):
+            level = nn.Module()
+            level.blocks = nn.Sequential(
+                *[
+                    ResBlock(dims, cin if j == 0 else width, width, **block)
+                    for j in range(num_res_blocks)
+                ]
+            )
+            cin = width
+            level.down = Downsample(dims, width, strides[i]) if i < len(strides) else None
+            self.levels.append(level)
+        self.trunk_channels = cin
+        self.mid = ResBlock(dims, cin, cin, **block)
+        self.norm_out = norm_layer(norm, cin, norm_groups)
+        self.conv_out = conv(dims, cin, out_channels)
+
+    def trunk(
+        self, x: torch.Tensor, inject: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Full-resolution part; `inject(i, h)` (if given) runs after down-sampling stage i."""
+        h = self.conv_in(x)
+        for i, level in enumerate(self.levels):
+            h = level.blocks(h)
+            if level.down is not None:
+                h = level.down(h)
+                if inject is not None:
+                    h = inject(i, h)
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+
+class Decoder(nn.Module):
+    """z (B, in_channels, *S) -> x (B, out_channels, *S · strides); mirror of `Encoder`."""
+
+    def __init__(
+        self,
+        dims: int,
+        in_channels: int,
+        out_channels: int,
+        channels: int,
+        channel_mult: Sequence[int],
+        num_res_blocks: int,
+        strides: Sequence[Stride],
+        norm: str = "group",
+        norm_groups: int = 32,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        widths = _widths(channels, channel_mult, len(strides))[::-1]
+        block = dict(norm=norm, groups=norm_groups, dropout=dropout)
+        n_up = len(strides)
+        self.conv_in = conv(dims, in_channels, widths[0])
+        self.mid = ResBlock(dims, widths[0], widths[0], **block)
+        self.levels = nn.ModuleList()
+        cin = widths[0]
+        for i, width in enumerate(widths):
+            level = nn.Module()
+            level.blocks = nn.Sequential(
+                *[
+                    ResBlock(dims, cin if j == 0 else width, width, **block)
+                    for j in range(num_res_blocks)
+                ]
+            )
+            cin = width
+            stage = len(widths) - 1 - i  # undo encoder stage `stage - 1`
+            level.up = Upsample(dims, width, strides[stage - 1]) if 0 < stage <= n_up else None
+            self.levels.append(level)
+        self.norm_out = norm_layer(norm, cin, norm_groups)
+        self.conv_out = conv(dims, cin, out_channels)
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        return self.mid(self.conv_in(z))
+
+    def trunk(self, h: torch.Tensor) -> torch.Tensor:
+        for level in self.levels:
+            h = level.blocks(h)
+            if level.up is not None:
+                h = level.up(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.trunk(self.head(z))

@@ -1,0 +1,84 @@
+"""Config plumbing shared by the model configs: dict -> dataclass with named-key errors,
+and named flavours (a flavour is a complete config; keys given beside it override it)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def check_keys(owner: str, cls: type, spec: dict[str, Any]) -> None:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(spec) - fields)
+    if unknown:
+        raise ValueError(
+            f"{owner}: unknown config key(s) {unknown}; valid keys: {', '.join(sorted(fields))}"
+        )
+
+
+def merge_quantizer(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
+    """A quantizer override with a `type` replaces the flavour's; without one it is merged
+    into it (e.g. `{"codebook_size": 64}` keeps the flavour's family)."""
+    if override is None:
+        return dict(base)
+    if not isinstance(override, dict):
+        raise ValueError(f"quantizer config must be a dict, got {override!r}")
+    return dict(override) if "type" in override else {**base, **override}
+
+
+def from_flavour(
+    owner: str, cls: type[T], flavours: dict[str, T], spec: dict[str, Any] | T | None
+) -> T:
+    """`spec` = a config instance, or a dict of fields, optionally with `flavour: NAME` as the
+    base (default: the class defaults). Unknown keys and flavours fail naming them."""
+    if isinstance(spec, cls):
+        return spec
+    spec = dict(spec or {})
+    name = spec.pop("flavour", None)
+    if name is None:
+        base = cls()
+    elif name in flavours:
+        base = flavours[name]
+    else:
+        raise ValueError(f"{owner}: unknown flavour {name!r}; known: {', '.join(flavours)}")
+    return override(owner, base, spec)
+
+
+def override(owner: str, base: T, spec: dict[str, Any]) -> T:
+    """`base` with the fields of `spec` replaced. A dict given for a nested config field is
+    applied onto that config (or, if it names a `flavour`, built by its `from_dict`)."""
+    check_keys(owner, type(base), spec)
+    spec = dict(spec)
+    for key, value in spec.items():
+        current = getattr(base, key)
+        if key == "quantizer" and isinstance(current, dict):
+            spec[key] = merge_quantizer(current, value)
+        elif dataclasses.is_dataclass(current) and isinstance(value, dict):
+            nested = type(current)
+            spec[key] = (
+                nested.from_dict(value)
+                if "flavour" in value
+                else override(f"{owner}.{key}", current, value)
+            )
+    return dataclasses.replace(base, **spec)
+
+
+def check_positive_ints(owner: str, config: Any, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        value = getattr(config, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{owner}: {key} must be a positive int, got {value!r}")
+
+
+def check_quantizer_spec(owner: str, quantizer: dict[str, Any], latent_dim: int) -> None:
+    """A model's quantizer spec: a registry dict with a `type`; its `dim` is the model's
+    latent_dim (filled in at build). Keys are checked by the registry at build time."""
+    if not isinstance(quantizer, dict) or "type" not in quantizer:
+        raise ValueError(f"{owner}: quantizer must be a dict with a 'type', got {quantizer!r}")
+    if quantizer.get("dim", latent_dim) != latent_dim:
+        raise ValueError(
+            f"{owner}: quantizer dim {quantizer['dim']} != latent_dim {latent_dim} "
+            "(leave 'dim' out; it is filled in)"
+        )
