@@ -17,6 +17,11 @@ VERBS: dict[str, tuple[str, str]] = {
     "demo-data": ("pipelines.demo_data", "write the small offline demo data set as shards"),
     "shards": ("pipelines.shards", "write WebDataset shards from videos and images"),
     "inspect": ("pipelines.inspect", "read shards through the training decode path; print JSON"),
+    "train": (
+        "pipelines.train",
+        "train a tokenizer from a jobs/*.yaml config (Ray Train or --local)",
+    ),
+    "eval": ("pipelines.evaluate", "evaluate a checkpoint on shards: metrics JSON and recon grids"),
 }
 
 

@@ -1,0 +1,262 @@
+"""One small decoder interface for the bytes stored in shards: videos and images.
+
+`decode_video(data, indices, size=..., backend=...)` returns only the requested frames as a
+uint8 array `(T, H, W, 3)` (channel-last, as decoders produce it; `sampling` makes it
+channel-first). Backends: `"pyav"` (FFmpeg through PyAV, seeks for late windows) and
+`"decord"` (`VideoReader(io.BytesIO(data))` + `get_batch`). A decord failure falls back to
+PyAV before the sample counts as bad. `decode_image` uses PIL with a pixel-count guard.
+Every failure is a `BadSample(reason)` with `reason` in `REASONS`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+# The fixed set of skip reasons, counted by `data` and printed by `inspect`.
+REASONS = (
+    "empty",  # zero bytes
+    "truncated",  # a video container that cannot be read to the frames it needs
+    "not_video",  # video slot holds something else (an image, random bytes)
+    "too_short",  # fewer real frames than `min_frames`
+    "bad_json",  # metadata missing, not JSON, not an object, or missing fields
+    "bad_dims",  # zero, negative or absurd width/height/frames (or a decompression bomb)
+    "undecodable_image",  # image bytes PIL cannot decode
+    "no_media",  # a sample without any video or image member
+    "bad_shard",  # a shard that is not a tar, is cut short, or has broken keys
+    "decode_error",  # anything else raised while decoding one sample
+)
+BACKENDS = ("pyav", "decord")
+# decord decoded random 16-frame windows of 256² H.264 at ~1.4x PyAV's frames per CPU-second
+# here (benchmarks/data.py), so it is the default; PyAV stays behind it as the fallback.
+DEFAULT_BACKEND = "decord"
+VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "gif", "mov")
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+MAX_SIDE = 16384  # larger width/height is "absurd"
+MAX_PIXELS = 16384 * 16384 // 2  # PIL decompression-bomb guard (per image / frame)
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; `reason` is one of `REASONS`."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        if reason not in REASONS:
+            raise ValueError(f"unknown BadSample reason {reason!r}")
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Meta:
+    """Validated per-sample metadata (the sample's `.json`)."""
+
+    frames: int
+    height: int
+    width: int
+    fps: float
+    source: str = ""
+
+
+def parse_meta(raw: bytes | str | dict | None) -> Meta:
+    """Parse and check a sample's JSON; raises `BadSample("bad_json" | "bad_dims")`."""
+    try:
+        obj = raw if isinstance(raw, dict) else json.loads(raw)
+        if not isinstance(obj, dict):
+            raise TypeError("not an object")
+        frames, height, width = (int(obj[k]) for k in ("frames", "height", "width"))
+        fps = float(obj.get("fps") or 0.0)
+    except (TypeError, ValueError, KeyError, UnicodeDecodeError) as e:
+        raise BadSample("bad_json", f"{type(e).__name__}: {e}") from None
+    check_dims(height, width, frames)
+    return Meta(frames, height, width, fps, str(obj.get("source", "")))
+
+
+def check_dims(height: int, width: int, frames: int = 1) -> None:
+    """Raise `BadSample("bad_dims")` for non-positive or absurd sizes."""
+    if min(height, width, frames) <= 0 or max(height, width) > MAX_SIDE:
+        raise BadSample("bad_dims", f"{width}x{height}, {frames} frames")
+    if height * width > MAX_PIXELS:
+        raise BadSample("bad_dims", f"{width}x{height} exceeds {MAX_PIXELS} pixels")
+
+
+def sniff(data: bytes) -> str:
+    """Container/image kind from magic bytes: 'mp4', 'mkv', 'avi', 'gif', 'png', 'jpg',
+    'webp' or 'unknown'."""
+    head = data[:16]
+    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+        return "mp4"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "mkv"
+    if head[:4] == b"RIFF":
+        return {b"AVI ": "avi", b"WEBP": "webp"}.get(head[8:12], "unknown")
+    if head[:4] == b"GIF8":
+        return "gif"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if head[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    return "unknown"
+
+
+def _classify_video_failure(data: bytes, err: Exception) -> BadSample:
+    kind = sniff(data)
+    if kind in ("mp4", "mkv", "avi", "gif"):
+        return BadSample("truncated", f"{kind}: {type(err).__name__}: {err}"[:200])
+    return BadSample("not_video", f"{kind} bytes: {type(err).__name__}"[:200])
+
+
+def _decode_pyav(data: bytes, indices: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    import av
+
+    wanted = [int(i) for i in indices]
+    wanted_set, last = set(wanted), max(wanted)
+    kw = {} if size is None else {"height": int(size[0]), "width": int(size[1])}
+    got: dict[int, np.ndarray] = {}
+    with av.open(io.BytesIO(data), mode="r") as container:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1  # one core per sample; Ray runs tasks in parallel
+        rate = float(stream.average_rate or stream.guessed_rate or 0)
+        tb = float(stream.time_base or 0)
+        start_pts = stream.start_time or 0
+        # Late window: seek to the keyframe before it and number frames by their pts.
+        if min(wanted) >= 48 and rate > 0 and tb > 0:
+            target = start_pts + int(min(wanted) / rate / tb)
+            container.seek(target, stream=stream, backward=True, any_frame=False)
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    break
+                idx = round((frame.pts - start_pts) * tb * rate)
+                if idx in wanted_set and idx not in got:
+                    got[idx] = frame.to_ndarray(format="rgb24", **kw)
+                if idx >= last:
+                    break
+            if len(got) == len(wanted_set):
+                return np.stack([got[i] for i in wanted])
+            got.clear()
+            container.seek(start_pts, stream=stream, backward=True, any_frame=False)
+        # Count frames from the start; stop at the last needed one.
+        for idx, frame in enumerate(container.decode(stream)):
+            if idx in wanted_set:
+                got[idx] = frame.to_ndarray(format="rgb24", **kw)
+            if idx >= last:
+                break
+    present = [i for i in wanted if i in got]
+    if not present:
+        raise ValueError("no frames decoded")
+    return np.stack([got[i] for i in present])
+
+
+def _decode_decord(data: bytes, indices: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    import decord
+
+    h, w = size if size is not None else (-1, -1)
+    vr = decord.VideoReader(io.BytesIO(data), width=int(w), height=int(h), num_threads=1)
+    n = len(vr)
+    present = [int(i) for i in indices if i < n]
+    if not present:
+        raise ValueError(f"window starts past the end ({n} frames)")
+    return vr.get_batch(present).asnumpy()
+
+
+_DECODERS = {"pyav": _decode_pyav, "decord": _decode_decord}
+
+
+def decode_video(
+    data: bytes,
+    indices,
+    size: tuple[int, int] | None = None,
+    backend: str = DEFAULT_BACKEND,
+) -> np.ndarray:
+    """Decode frames `indices` (ascending) of the video in `data`, resized to `size=(H, W)`.
+
+    Returns uint8 `(n, H, W, 3)`; n < len(indices) when the stream ends early (the frames
+    that exist, in order). decord errors fall back to PyAV; raises `BadSample`.
+    """
+    if backend not in _DECODERS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not data:
+        raise BadSample("empty")
+    kind = sniff(data)
+    if kind in ("png", "jpg", "webp"):
+        raise BadSample("not_video", f"{kind} image in a video slot")
+    indices = np.asarray(indices, dtype=np.int64)
+    order = [backend] + [b for b in ("pyav",) if b != backend]
+    if kind == "unknown":
+        order = ["pyav"]  # decord logs the raw bytes of unreadable input: keep it away
+    err: Exception = ValueError("no backend")
+    for name in order:
+        try:
+            frames = _DECODERS[name](data, indices, size)
+        except BadSample:
+            raise
+        except Exception as e:  # noqa: BLE001 - any decoder failure is per-sample
+            err = e
+            continue
+        if frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
+            err = ValueError(f"decoded shape {frames.shape}")
+            continue
+        return frames
+    raise _classify_video_failure(data, err)
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(H, W) of an image from its header only; raises `BadSample`."""
+    from PIL import Image
+
+    if not data:
+        raise BadSample("empty")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+    except Exception as e:  # noqa: BLE001
+        raise BadSample("undecodable_image", f"{type(e).__name__}: {e}"[:200]) from None
+    check_dims(h, w)
+    return h, w
+
+
+def decode_image(
+    data: bytes,
+    box: tuple[int, int, int, int] | None = None,
+    size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Decode an image to uint8 `(1, H, W, 3)`; optionally crop `box=(top, left, h, w)`
+    and resize to `size=(H, W)` in one antialiased step. JPEGs decode at reduced scale
+    (PIL draft) when the output is smaller. Raises `BadSample`."""
+    from PIL import Image
+
+    if not data:
+        raise BadSample("empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                w0, h0 = img.size
+                check_dims(h0, w0)
+                top, left, bh, bw = box if box is not None else (0, 0, h0, w0)
+                if size is not None and img.format == "JPEG":
+                    # draft picks the largest 1/2^k scale that keeps the box >= size.
+                    scale = max(size[0] / bh, size[1] / bw)
+                    img.draft("RGB", (max(1, int(w0 * scale)), max(1, int(h0 * scale))))
+                    sx, sy = img.size[0] / w0, img.size[1] / h0
+                    top, left, bh, bw = top * sy, left * sx, bh * sy, bw * sx
+                rgb = img.convert("RGB")
+                if size is not None or box is not None:
+                    out_h, out_w = size if size is not None else (round(bh), round(bw))
+                    rgb = rgb.resize(
+                        (out_w, out_h),
+                        Image.Resampling.BILINEAR,
+                        box=(left, top, left + bw, top + bh),
+                    )
+                arr = np.array(rgb, dtype=np.uint8)
+    except BadSample:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadSample("bad_dims", str(e)[:200]) from None
+    except Exception as e:  # noqa: BLE001
+        raise BadSample("undecodable_image", f"{type(e).__name__}: {e}"[:200]) from None
+    return arr[None]

@@ -1,0 +1,176 @@
+"""What one training step optimises, per model kind, over DeepSpeed engines.
+
+- `TokenizerObjective` (image tokenizers, PVQ-VAE): generator engine (model + any trainable
+  loss parts) on recon + quantizer + perceptual + GAN (+ teacher); a discriminator engine
+  when the GAN term is on (`loss.gan_weight > 0`), stepped from `loss.disc_start`.
+- `HFSVQObjective`: the alternating schedule of HFSVQ (seed 000, Algorithm 1): even steps
+  update F_L on its VQ-VAE loss, odd steps update F_H on the residual with F_L frozen; one
+  engine per half so Adam's moments of the frozen half never move it.
+
+An objective owns its engines: `micro_step`, `save`/`load` of their state, `lr`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipelines.config import Config
+from pipelines.evaluate import top_level_quantizers
+from pipelines.inputs import fold_frames
+from pipelines.parallel import apply_activation_checkpointing, autocast, make_engine
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """True on every rank only if the loss is finite on every rank (all skip together)."""
+    flag = torch.tensor([float(torch.isfinite(t.detach()).all())], device=t.device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+class Objective:
+    model: nn.Module
+    engines: dict
+
+    def __init__(self, cfg: Config, device: torch.device):
+        from vqcore.models import build_model
+
+        self.cfg, self.device = cfg, device
+        self.model = build_model(cfg.model).to(device)
+        self.video = cfg.model.get("type") == "pvqvae"  # image models see frames as images
+        if cfg.train.activation_checkpointing:
+            from vqcore.models.blocks import ResBlock
+
+            apply_activation_checkpointing(self.model, (ResBlock,))
+        self.micro = 0
+        self.tokens = 0  # latent positions quantized on this rank
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.video else fold_frames(x)
+
+    # -- engine state
+    def save(self, directory: Path) -> None:
+        for name, engine in self.engines.items():
+            engine.save_checkpoint(str(directory), tag=name)
+
+    def load(self, directory: Path) -> None:
+        from pipelines.checkpoint import CheckpointError
+
+        for name, engine in self.engines.items():
+            try:
+                path, _ = engine.load_checkpoint(str(directory), tag=name)
+            except Exception as exc:  # DeepSpeed raises assorted types on corrupt files
+                raise CheckpointError(
+                    f"cannot load engine '{name}' from {directory / name}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            if path is None:
+                raise CheckpointError(f"no engine state '{name}' in {directory}")
+
+    def lr(self) -> float:
+        engine = next(iter(self.engines.values()))
+        return float(engine.lr_scheduler.get_last_lr()[0])
+
+    def boundary(self) -> bool:
+        """True when this micro-step completes an optimiser step (gradient accumulation)."""
+        self.micro += 1
+        return self.micro % self.cfg.optim.grad_accum == 0
+
+    def quantizer_metrics(self) -> dict[str, float]:
+        """Usage and perplexity of each quantizer since the last call (then reset)."""
+        out = {}
+        quantizers = top_level_quantizers(self.model)
+        for i, q in enumerate(quantizers):
+            name = "codebook" if len(quantizers) == 1 else f"codebook{i}"
+            out.update({f"train/{name}_{k}": v for k, v in q.usage_stats().items()})
+            q.reset_usage()
+        return out
+
+    def count_tokens(self, z_q) -> None:
+        """Latent positions quantized on this rank (for tokens/s)."""
+        z = z_q[0] if isinstance(z_q, tuple) else z_q
+        self.tokens += z.numel() // z.shape[1]
+
+
+class TokenizerObjective(Objective):
+    def __init__(self, cfg: Config, device: torch.device):
+        super().__init__(cfg, device)
+        from vqcore.losses import TokenizerLoss
+
+        self.loss_fn = TokenizerLoss(cfg.loss).to(device)
+        micro = cfg.data.batch_size
+        gen_params = list(self.model.parameters()) + self.loss_fn.trainable_parameters()
+        self.engines = {"gen": make_engine(self.model, gen_params, cfg, cfg.optim.lr, micro)}
+        self.disc = None
+        if cfg.loss.gan_weight > 0:
+            from vqcore.models.discriminator import build_discriminator
+
+            self.disc = build_discriminator(discriminator_spec(cfg, self.video)).to(device)
+            self.engines["disc"] = make_engine(
+                self.disc, self.disc.parameters(), cfg, cfg.optim.disc_lr or cfg.optim.lr, micro
+            )
+
+    def micro_step(self, x, step: int, num_frames=None):
+        x = self.prepare(x)
+        gen = self.engines["gen"]
+        with autocast(self.cfg, self.device):
+            x_hat, q = self.model(x)
+        x_hat = x_hat.float()
+        self.count_tokens(q.z_q)
+        last = getattr(self.model, "last_layer", None)
+        if self.cfg.train.zero_stage == 3:
+            last = None  # sharded weight: adaptive GAN weight falls back to 1 (see loss config)
+        g = self.loss_fn.generator(x_hat, x, q.loss, step, disc=self.disc, last_layer=last)
+        terms = dict(g.terms)
+        terms.update({f"quantizer/{k}": v for k, v in q.metrics.items()})
+        if not _all_finite(g.total):
+            return None, False
+        gen.backward(g.total)
+        gen.step()
+        if self.disc is not None and self.loss_fn.disc_active(step):
+            d = self.loss_fn.discriminator(x_hat.detach(), x, step, self.disc)
+            self.engines["disc"].backward(d.total)
+            self.engines["disc"].step()
+            terms.update(d.terms)
+        return terms, self.boundary()
+
+
+class HFSVQObjective(Objective):
+    def __init__(self, cfg: Config, device: torch.device):
+        super().__init__(cfg, device)
+        micro = cfg.data.batch_size
+        m = self.model
+        self.engines = {
+            "low": make_engine(m.low, m.low_step_parameters(), cfg, cfg.optim.lr, micro),
+            "high": make_engine(m.high, m.high_step_parameters(), cfg, cfg.optim.lr, micro),
+        }
+
+    def micro_step(self, x, step: int, num_frames=None):
+        x = self.prepare(x)
+        phase = "low" if step % 2 == 0 else "high"
+        with autocast(self.cfg, self.device):
+            out = getattr(self.model, f"{phase}_loss")(x)
+        loss = out.loss.float()
+        self.count_tokens(out.quantized.z_q)
+        if not _all_finite(loss):
+            return None, False
+        engine = self.engines[phase]
+        engine.backward(loss)
+        engine.step()
+        terms = {k: v.float() for k, v in out.metrics.items()}
+        terms[f"{phase}/total"] = loss.detach()
+        return terms, self.boundary()
+
+
+def discriminator_spec(cfg: Config, video: bool) -> dict:
+    """`disc:` section, with the type defaulting to the seed's 3D D for video, PatchGAN else."""
+    return {"type": "disc3d" if video else "patch2d", **cfg.disc}
+
+
+def build_objective(cfg: Config, device: torch.device) -> Objective:
+    kind = cfg.model.get("type")
+    return (HFSVQObjective if kind == "hfsvq" else TokenizerObjective)(cfg, device)

@@ -1,0 +1,274 @@
+"""`vqtok train CONFIG.yaml [key=value ...] [--local]`: the training loop on Ray Train, or in
+one process.
+
+Ray path: `TorchTrainer` with one `pipelines.loop.train_loop` per worker (gloo on CPU, NCCL on
+GPU), the Ray Data pipeline sharded over workers (`get_dataset_shard`), checkpoints reported
+with `ray.train.report` into `<run.storage>/<run.name>/step_N`, `FailureConfig` restarts from
+the latest one, and a run started again with the same name resumes (Train V2 resumes from
+`RunConfig(name, storage_path)`; `run.resume: never` makes reuse an error instead).
+Local path (`--local`): the same loop and checkpoints, plain iterator, no Ray.
+Rank 0 logs to MLflow (`pipelines.tracking`); metrics are also kept in the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipelines import checkpoint as ckpt
+from pipelines.config import Config, ConfigError, from_dict, load_config, save_config, validate
+from pipelines.loop import train_loop
+
+
+class RunLog:
+    """Rank 0's record of a run: MLflow (through `Tracker`, which never raises because the
+    store failed) plus the run folder's own journal."""
+
+    def __init__(self, cfg: Config, rank: int):
+        self.tracker = None
+        if rank != 0:
+            return
+        from pipelines.tracking import Tracker
+
+        self.tracker = Tracker(cfg.run.run_dir, cfg.run.tracking_uri, cfg.run.experiment)
+        self.tracker.start(cfg.run.name, params=cfg.to_dict(), tags={"vqtok.kind": "train"})
+
+    def metrics(self, metrics: dict, checkpoint: Path | None) -> None:
+        if self.tracker is None:
+            return
+        step = int(metrics.get("step", 0))
+        self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
+        if checkpoint is not None:
+            for d in sorted((checkpoint / "codebooks").glob("quantizer*")):
+                self.tracker.log_codebook(d, step=step)
+
+    def image(self, image, step: int) -> None:
+        if self.tracker is not None:
+            self.tracker.log_image(image, "recon", step)
+
+    def end(self, status: str) -> None:
+        if self.tracker is not None:
+            self.tracker.end(status)
+
+
+def _eval_stream(cfg: Config):
+    from pipelines.data import iter_batches
+
+    shards = cfg.train.eval_shards or cfg.data.shards
+    data = from_dict(type(cfg.data), {**_data_dict(cfg), "shards": list(shards)}, "data")
+    return iter_batches(data, epoch=0)
+
+
+def _data_dict(cfg: Config) -> dict[str, Any]:
+    return cfg.to_dict()["data"]
+
+
+class LocalSession:
+    """One process, no Ray: the plain data iterator; checkpoints renamed into the run folder."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.run_dir, self._stream = cfg, cfg.run.run_dir, None
+        self.log = RunLog(cfg, 0)
+
+    def batches(self, epoch: int):
+        from pipelines.data import iter_batches
+
+        self._stream = iter_batches(self.cfg.data, epoch=epoch)
+        return self._stream
+
+    def data_metrics(self) -> dict[str, float]:
+        return self._stream.metrics() if self._stream is not None else {}
+
+    def restore_dir(self) -> Path | None:
+        return ckpt.latest(self.run_dir)
+
+    def report(self, metrics: dict, checkpoint: Path | None) -> None:
+        if checkpoint is not None:
+            checkpoint = ckpt.publish(checkpoint, self.run_dir, self.cfg.train.keep_last)
+        self.log.metrics(metrics, checkpoint)
+
+    def eval_batches(self):
+        return _eval_stream(self.cfg)
+
+    def log_image(self, image, step: int) -> None:
+        self.log.image(image, step)
+
+
+class RaySession:
+    """Inside a Ray Train worker: dataset shard, `ray.train.report`, `get_checkpoint`."""
+
+    def __init__(self, cfg: Config):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.cfg = cfg
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self._shard = ray.train.get_dataset_shard("train")
+        self._stream = None
+        self.log = RunLog(cfg, self.rank)
+
+    def batches(self, epoch: int):
+        from pipelines.data import BatchStream
+
+        self._stream = BatchStream(self._shard)
+        return self._stream
+
+    def data_metrics(self) -> dict[str, float]:
+        return self._stream.metrics() if self._stream is not None else {}
+
+    def restore_dir(self) -> Path | None:
+        import ray.train
+
+        found = ray.train.get_checkpoint()
+        # the merged checkpoint (every rank's shards): ZeRO-2 needs it, a rank-local one fails
+        return Path(found.to_directory()) if found is not None else None
+
+    def report(self, metrics: dict, checkpoint: Path | None) -> None:
+        import ray.train
+
+        self.log.metrics(metrics, checkpoint)
+        if checkpoint is None:
+            ray.train.report(metrics)
+            return
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)),
+            checkpoint_dir_name=checkpoint.name,
+        )
+
+    def eval_batches(self):
+        return _eval_stream(self.cfg) if self.rank == 0 else None
+
+    def log_image(self, image, step: int) -> None:
+        self.log.image(image, step)
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train's per-worker function; the config is passed explicitly, never global."""
+    cfg = from_dict(Config, config, "")
+    session = RaySession(cfg)
+    status = "FAILED"
+    try:
+        train_loop(cfg, session)
+        status = "FINISHED"
+    finally:
+        session.log.end(status)
+
+
+# --- the launcher (driver side) ---------------------------------------------------------
+
+
+def check_run_folder(cfg: Config) -> Path | None:
+    """Make reuse of a run name a visible choice: resume (default) or fail."""
+    found = ckpt.latest(cfg.run.run_dir)
+    if found is not None and cfg.run.resume == "never":
+        raise ConfigError(
+            f"run.name: {cfg.run.name!r} already has checkpoints in "
+            f"{cfg.run.run_dir} and run.resume is 'never'"
+        )
+    if found is not None:
+        print(f"[vqtok] run '{cfg.run.name}' exists: resuming from {found}", file=sys.stderr)
+    return found
+
+
+def check_data(cfg: Config) -> None:
+    from pipelines.tars import list_shards
+
+    if not cfg.data.shards:
+        raise ConfigError("data.shards: no training shards given")
+    if not list_shards(cfg.data.shards):
+        raise ConfigError(f"data.shards: no shard files found at {list(cfg.data.shards)}")
+
+
+def fit(cfg: Config, local: bool = False) -> dict:
+    """Train (resuming a run of the same name); returns the final metrics."""
+    validate(cfg)
+    check_data(cfg)
+    check_run_folder(cfg)
+    save_config(cfg, cfg.run.run_dir / "config.yaml")
+    if local:
+        session = LocalSession(cfg)
+        status = "FAILED"
+        try:
+            metrics = train_loop(cfg, session)
+            status = "FINISHED"
+        finally:
+            session.log.end(status)
+        return metrics
+    return _fit_ray(cfg)
+
+
+def init_ray(**kwargs) -> None:
+    """Connect to the cluster in RAY_ADDRESS (as under `ray job submit`), else start a local
+    Ray; forwards the few environment variables workers need."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Each report blocks until the controller polls; 2 s by default (RUNTIME.md).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    env = {"env_vars": {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}}
+    ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env=env, **kwargs)
+
+
+def _fit_ray(cfg: Config) -> dict:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.data import build_dataset
+
+    init_ray()
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=str(cfg.run.run_dir.parent),
+            failure_config=FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
+        ),
+        datasets={"train": build_dataset(cfg.data)},
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+    )  # fmt: skip
+    result = trainer.fit()
+    return dict(result.metrics or {})
+
+
+# forwarded to workers: accelerator choice, extension cache, MLflow endpoint
+_WORKER_ENV = (
+    "DS_ACCELERATOR",
+    "TORCH_EXTENSIONS_DIR",
+    "MLFLOW_TRACKING_URI",
+    "TORCH_HOME",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+    "OMP_NUM_THREADS",
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="a jobs/*.yaml file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4")
+    p.add_argument("--local", action="store_true", help="one process, no Ray (same loop)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, args.overrides)
+        metrics = fit(cfg, local=args.local)
+    except ConfigError as exc:
+        print(f"vqtok train: {exc}", file=sys.stderr)
+        return 2
+    print(f"[vqtok] run folder: {cfg.run.run_dir}")
+    for k in sorted(metrics):
+        if k.startswith(("eval/", "train/total")):
+            print(f"  {k} = {metrics[k]}")
+    return 0
