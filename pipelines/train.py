@@ -34,7 +34,8 @@ class RunLog:
         from pipelines.tracking import Tracker
 
         self.tracker = Tracker(cfg.run.run_dir, cfg.run.tracking_uri, cfg.run.experiment)
-        self.tracker.start(cfg.run.name, params=cfg.to_dict(), tags={"vqtok.kind": "train"})
+        self.tracker.start(cfg.run.name, params=cfg.to_dict(), tags={"vqtok.kind": "train"},
+                           parent_run_id=cfg.run.parent_run_id)  # fmt: skip
 
     def metrics(self, metrics: dict, checkpoint: Path | None) -> None:
         if self.tracker is None:
@@ -217,30 +218,36 @@ def init_ray(**kwargs) -> None:
 
 
 def _fit_ray(cfg: Config) -> dict:
+    init_ray()
+    result = make_trainer(cfg).fit()
+    return dict(result.metrics or {})
+
+
+def make_trainer(cfg: Config, callbacks: list | None = None):
+    """The `TorchTrainer` of a run (also built per trial by `pipelines.tune`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.data import build_dataset
 
-    init_ray()
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_worker,
         train_loop_config=cfg.to_dict(),
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
+        ),
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=str(cfg.run.run_dir.parent),
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
+            callbacks=callbacks,
         ),
         datasets={"train": build_dataset(cfg.data)},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-    )  # fmt: skip
-    result = trainer.fit()
-    return dict(result.metrics or {})
+    )
 
 
 # forwarded to workers: accelerator choice, extension cache, MLflow endpoint
