@@ -13,7 +13,8 @@ import sys
 # verb -> (module, one-line help). Modules are imported lazily, so `vqtok --help` is fast
 # and a verb's heavy imports (ray, deepspeed, mlflow) are paid only when it runs.
 VERBS: dict[str, tuple[str, str]] = {
-    "demo": ("pipelines.demo", "run the end-to-end demo on bundled data"),
+    "demo": ("pipelines.demo", "demo data -> train a small PVQ-VAE on local Ray -> eval -> MLflow"),
+    "quantizers": ("pipelines.quantizer_table", "fit every quantizer to image patches; a table"),
     "demo-data": ("pipelines.demo_data", "write the small offline demo data set as shards"),
     "shards": ("pipelines.shards", "write WebDataset shards from videos and images"),
     "inspect": ("pipelines.inspect", "read shards through the training decode path; print JSON"),

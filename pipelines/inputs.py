@@ -6,8 +6,12 @@ import torch
 
 
 def to_model_input(video_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (B, C, T, H, W) -> float32 in [-1, 1] on the device (conversion on the trainer)."""
-    return video_u8.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    """uint8 (B, C, T, H, W) -> float32 in [-1, 1] on the device (conversion on the trainer).
+
+    The data path hands a channels-last view (no transpose on the CPU); the dense layout is
+    made here, on the device, in the same copy as the dtype change."""
+    x = video_u8.to(device, non_blocking=True)
+    return x.to(dtype=torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
 
 
 def fold_frames(x_bcthw: torch.Tensor) -> torch.Tensor:

@@ -52,19 +52,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _all_ranks(flag: bool) -> bool:
+    """True only if `flag` holds on every rank (a MIN all-reduce; identity in one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def _batches_forever(session: Session, state: ckpt.TrainState) -> Iterator[dict]:
+    """Batches epoch after epoch, in lockstep over ranks: when any rank's shard runs out
+    (shards may differ by a batch: skipped samples, uneven splits), every rank ends the
+    epoch together, so no rank waits in a collective for a rank that is between epochs."""
     while True:
-        empty = True
-        for batch in session.batches(state.epoch):
-            if batch["video"].shape[0] == 0:
-                continue
-            empty = False
+        stream, got_any = iter(session.batches(state.epoch)), False
+        while True:
+            batch = next((b for b in stream if b["video"].shape[0] > 0), None)
+            if not _all_ranks(batch is not None):
+                break
+            got_any = True
             yield batch
         state.epoch += 1
-        if empty:
+        if not _all_ranks(got_any):
             raise RuntimeError(
-                "the training data yielded no usable sample in a whole epoch; "
-                "run `vqtok inspect` on the shards"
+                "the training data yielded no usable sample in a whole epoch "
+                "on some rank; run `vqtok inspect` on the shards"
             )
 
 
