@@ -10,6 +10,7 @@ process (`vqtok train --local`, `LocalSession` below): the session is the only d
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 import tempfile
@@ -190,9 +191,10 @@ def run_eval(cfg: Config, session: Session, model, objective, device, step: int)
 
 def _progress(step: int, total: int, m: dict, seconds_per_step: float) -> None:
     eta = (total - step) * seconds_per_step
-    print(
-        f"[vqtok] step {step}/{total}  loss {m.get('train/total', math.nan):.4f}  "
-        f"{m.get('train/clips_per_s', 0.0):.2f} clips/s  ETA {eta:.0f}s",
-        file=sys.stderr,
-        flush=True,
+    recon = next((f"  recon {v:.4f}" for k, v in m.items() if k.startswith("train/recon_")), "")
+    line = (
+        f"[vqtok] step {step}/{total}  loss {m.get('train/total', math.nan):.4f}{recon}  "
+        f"{m.get('train/clips_per_s', 0.0):.2f} clips/s  ETA {eta:.0f}s\n"
     )
+    # to the raw descriptor: Ray Train V2 tees Python-level streams, which printed it twice
+    os.write(sys.stderr.fileno(), line.encode())

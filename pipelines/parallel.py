@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -23,6 +24,8 @@ from pipelines.config import Config
 
 def setup_accelerator(use_gpu: bool) -> torch.device:
     """Pick the device; must run before `import deepspeed` for the CPU accelerator."""
+    # DeepSpeed 0.19 calls a deprecated torch.distributed function on every ZeRO step
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     if use_gpu and torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)

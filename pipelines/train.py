@@ -149,8 +149,21 @@ class RaySession:
         self.log.image(image, step)
 
 
+def _quiet_report_log() -> None:
+    """Ray 2.60's per-report INFO line (the whole metrics dict, every report, every rank)
+    comes from a logger named by its file path, which `LoggingConfig` does not reach."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_worker(config: dict) -> None:
     """Ray Train's per-worker function; the config is passed explicitly, never global."""
+    _quiet_report_log()
     cfg = from_dict(Config, config, "")
     session = RaySession(cfg)
     status = "FAILED"
@@ -186,8 +199,19 @@ def check_data(cfg: Config) -> None:
         raise ConfigError(f"data.shards: no shard files found at {list(cfg.data.shards)}")
 
 
+def absolute_shards(cfg: Config) -> None:
+    """Relative local shard paths are taken from the caller's folder, not a worker's."""
+
+    def fix(paths: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(p if "://" in p else str(Path(p).expanduser().absolute()) for p in paths)
+
+    cfg.data.shards = fix(cfg.data.shards)
+    cfg.train.eval_shards = fix(cfg.train.eval_shards)
+
+
 def fit(cfg: Config, local: bool = False) -> dict:
     """Train (resuming a run of the same name); returns the final metrics."""
+    absolute_shards(cfg)
     validate(cfg)
     check_data(cfg)
     check_run_folder(cfg)
@@ -205,16 +229,19 @@ def fit(cfg: Config, local: bool = False) -> dict:
 
 
 def init_ray(**kwargs) -> None:
-    """Connect to the cluster in RAY_ADDRESS (as under `ray job submit`), else start a local
-    Ray; forwards the few environment variables workers need."""
+    """Connect to the cluster in RAY_ADDRESS (set by `ray job submit`; `auto` = the cluster
+    `ray start` made on this machine), else start a private local Ray (never an unrelated
+    Ray that happens to run here); forwards the few environment variables workers need."""
     import ray
 
     if ray.is_initialized():
         return
     # Each report blocks until the controller polls; 2 s by default (RUNTIME.md).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    # per-epoch progress bars of Ray Data would bury the training progress line
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     env = {"env_vars": {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}}
-    ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env=env, **kwargs)
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", runtime_env=env, **kwargs)
 
 
 def _fit_ray(cfg: Config) -> dict:
@@ -225,7 +252,13 @@ def _fit_ray(cfg: Config) -> dict:
 
 def make_trainer(cfg: Config, callbacks: list | None = None):
     """The `TorchTrainer` of a run (also built per trial by `pipelines.tune`)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.data import build_dataset
@@ -244,6 +277,9 @@ def make_trainer(cfg: Config, callbacks: list | None = None):
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
             callbacks=callbacks,
+            # Ray Train's INFO lines echo every report's whole metrics dict: our progress
+            # line says what matters, and everything stays in the run folder and MLflow
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": build_dataset(cfg.data)},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
@@ -257,6 +293,7 @@ _WORKER_ENV = (
     "MLFLOW_TRACKING_URI",
     "TORCH_HOME",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+    "RAY_DATA_DISABLE_PROGRESS_BARS",
     "OMP_NUM_THREADS",
 )
 

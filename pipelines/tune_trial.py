@@ -1,0 +1,43 @@
+"""What runs inside one Tune trial: a driver function that fits a `TorchTrainer` (the Ray
+Train V2 + Tune pattern; `Tuner(trainer)` is deprecated), reporting to Tune through a
+callback. Imported only on the cluster and by `pipelines.tune`, so `vqtok --help` stays
+free of Ray Tune."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from pipelines.config import save_config
+from pipelines.tune_space import resolve
+
+
+class MetricReport(TuneReportCallback):
+    """Forward to Tune only the reports that carry the study's metric.
+
+    The loop reports train/* every `log_every` and eval/* only at evals; Tune rejects a
+    result without its metric, and ASHA and Optuna read it from every result. Rank 0's
+    metrics are the ones forwarded (it alone evaluates)."""
+
+    def __init__(self, metric: str):
+        super().__init__()
+        self.metric = metric
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if metrics and self.metric in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
+
+
+def run_trial(values: dict[str, Any], base: dict, study: dict) -> None:
+    """One trial: `base` (raw training config) + the sampled dotted `values` + the study's
+    run settings (`study["run"]`: storage, tracking URI, parent run id); the trial id names
+    the run folder and the MLflow child run."""
+    from ray import tune
+
+    from pipelines.train import make_trainer
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = resolve(base, {**values, **study["run"], "run.name": trial_id})
+    save_config(cfg, cfg.run.run_dir / "config.yaml")
+    make_trainer(cfg, callbacks=[MetricReport(study["metric"])]).fit()
