@@ -124,28 +124,35 @@ def _wait_http(url: str, timeout_s: float, what: str, log: Path, token: str | No
     raise ClusterError(f"{what} at {url} did not answer in {timeout_s:.0f} s; see {log}")
 
 
-def terminate(pids_fn, grace_s: float = 15.0) -> dict[str, int]:
-    """SIGTERM every pid `pids_fn()` lists (asked again as processes exit or spawn), then
-    SIGKILL what is left after `grace_s`. Returns counts."""
-    counts = {"terminated": 0, "killed": 0}
-    for sig, key, wait_s in (
-        (signal.SIGTERM, "terminated", grace_s),
-        (signal.SIGKILL, "killed", 5),
-    ):
-        pids = pids_fn()
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-                counts[key] += 1
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait_s
-        while pids and time.monotonic() < deadline:
-            time.sleep(0.2)
-            pids = [p for p in pids if alive(p)]
-        if not pids_fn():
-            break
-    return counts
+def terminate(cluster_id: str, grace_s: float = 15.0) -> dict:
+    """Stop the cluster's processes in `ray stop`'s order: the raylet, then all but the GCS,
+    then the rest; each stage gets SIGTERM and a third of `grace_s`, then SIGKILL."""
+    done: dict = {"terminated": 0, "killed": []}
+    stages = (RAY_PARTS["raylet"], "", None)  # None: everything left, the GCS included
+    for stage in stages:
+        pids = [
+            p for p in cluster_pids(cluster_id)
+            if stage is None or (cmdline(p).split(" ")[0].endswith(stage) if stage
+                                 else not cmdline(p).split(" ")[0].endswith("/gcs_server"))
+        ]  # fmt: skip
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
+                name = cmdline(pid)[:80]
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    continue
+                if sig == signal.SIGTERM:
+                    done["terminated"] += 1
+                else:
+                    done["killed"].append(f"{pid} {name}")
+            deadline = time.monotonic() + (grace_s / len(stages) if sig == signal.SIGTERM else 5)
+            while pids and time.monotonic() < deadline:
+                time.sleep(0.2)
+                pids = [p for p in pids if alive(p)]
+            if not pids:
+                break
+    return done
 
 
 # --- up / down / status ------------------------------------------------------------------
@@ -216,11 +223,19 @@ def up(folder: Path, host: str = "127.0.0.1", num_cpus: int | None = None,
     temp_dir = _ray_temp_dir(folder)
     ports = {"gcs": free_port(), "dashboard": free_port(), "client_server": free_port(),
              "dashboard_agent": free_port()}  # fmt: skip
+    dashboard = f"http://{client_host}:{ports['dashboard']}"
     env = {
         **os.environ,
         "RAY_AUTH_MODE": auth_mode,
         "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),  # jobs find `vqtok`
         "MLFLOW_TRACKING_URI": mlflow_uri,  # submitted jobs log to this server by default
+        # Ray's own state-API clients (Train's PlacementGroupCleaner, ...) otherwise look for
+        # "the" local cluster and fail when several run on the machine
+        "RAY_API_SERVER_ADDRESS": dashboard,
+        # DeepSpeed JIT-builds its CPU comm op on first use; a cache of our own is built once
+        # and kept: the shared default is rebuilt whenever a process with other flags uses it
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR")
+        or str(Path.home() / ".cache" / "vqtok" / "torch_extensions"),
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     cmd = [
@@ -235,7 +250,6 @@ def up(folder: Path, host: str = "127.0.0.1", num_cpus: int | None = None,
     if num_gpus is not None:
         cmd += ["--num-gpus", str(num_gpus)]
     start_log = logs / "ray-start.log"
-    dashboard = f"http://{client_host}:{ports['dashboard']}"
     with ThreadPoolExecutor(1) as pool:  # MLflow boots (~6-60 s) while Ray starts
         ml = pool.submit(
             start_mlflow_server, f"sqlite:///{folder / 'mlflow.db'}", folder / "mlartifacts",
@@ -245,7 +259,7 @@ def up(folder: Path, host: str = "127.0.0.1", num_cpus: int | None = None,
             _start_ray(cmd, env, start_log, dashboard, timeout_s, _token(token_path))
             proc, _ = ml.result()
         except BaseException:
-            terminate(lambda: cluster_pids(cid))
+            terminate(cid, grace_s=3.0)
             raise
     pids = cluster_pids(cid)
     gcs = _read(str(temp_dir / "ray_current_cluster")).decode().strip()
@@ -312,7 +326,7 @@ def down(folder: Path, grace_s: float = 15.0) -> dict:
     state = load_state(folder)
     cid = state["cluster_id"]
     before = len(cluster_pids(cid))
-    counts = terminate(lambda: cluster_pids(cid), grace_s)
+    counts = terminate(cid, grace_s)
     left = cluster_pids(cid)
     state["stopped_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     (Path(state["dir"]) / "cluster.json").write_text(json.dumps(state, indent=1))
@@ -372,7 +386,9 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.monotonic()
         result = down(args.dir)
         print(f"[vqtok] cluster down in {time.monotonic() - t0:.1f} s: {result['processes']} "
-              f"processes, {result['terminated']} sent SIGTERM, {result['killed']} SIGKILL")  # fmt: skip
+              f"processes, {result['terminated']} sent SIGTERM, {len(result['killed'])} SIGKILL")  # fmt: skip
+        for line in result["killed"]:
+            print(f"  killed (ignored SIGTERM for the grace period): {line}")
         if result["left"]:
             print(f"vqtok cluster: still running: {result['left']}", file=sys.stderr)
             return 1

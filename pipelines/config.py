@@ -169,7 +169,7 @@ def validate(cfg: Config) -> None:
                 )
                 msg = str(exc)
                 raise ConfigError(msg if msg.startswith(name) else f"{name}: {msg}") from exc
-    _validate_library_section("model", cfg.model, "vqcore.models", "model_config")
+    _validate_model(cfg.model)
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:
@@ -199,17 +199,19 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{key}: got {value!r}, expected {expected}")
 
 
-def _validate_library_section(name: str, spec: dict, module: str, fn: str) -> None:
-    import importlib
+def _validate_model(spec: dict) -> None:
+    """The model's typed config, and every quantizer in it built once (cheap: codebooks
+    only), so a bad quantizer field fails here rather than in a worker."""
+    from vqcore.models import model_config
+    from vqcore.quantizers import build
 
     try:
-        make = getattr(importlib.import_module(module), fn)
-    except (ImportError, AttributeError):
-        return  # that library piece is not installed in this build: nothing to check against
-    try:
-        make(spec)
+        typed = model_config(spec)
+        for part in (typed, *(getattr(typed, n, None) for n in ("low", "high"))):
+            if hasattr(part, "quantizer_config"):
+                build(part.quantizer_config())
     except (ValueError, TypeError, KeyError) as exc:
-        raise ConfigError(f"{name}: {exc}") from exc
+        raise ConfigError(f"model: {exc}") from exc
 
 
 def _set_dotted(d: dict, dotted: str, value: Any) -> None:

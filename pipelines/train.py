@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -191,12 +192,22 @@ def check_run_folder(cfg: Config) -> Path | None:
 
 
 def check_data(cfg: Config) -> None:
-    from pipelines.tars import list_shards
+    """Local shard paths must name readable tars before any worker starts (remote URIs are
+    checked by the readers, which count a bad shard and go on)."""
+    from pipelines.data import readable_shards
 
-    if not cfg.data.shards:
-        raise ConfigError("data.shards: no training shards given")
-    if not list_shards(cfg.data.shards):
-        raise ConfigError(f"data.shards: no shard files found at {list(cfg.data.shards)}")
+    for key, shards in (
+        ("data.shards", cfg.data.shards),
+        ("train.eval_shards", cfg.train.eval_shards),
+    ):
+        if key == "data.shards" and not shards:
+            raise ConfigError("data.shards: no training shards given")
+        local = tuple(p for p in shards if "://" not in p)
+        if local:
+            try:
+                readable_shards(replace(cfg.data, shards=local))
+            except ValueError as exc:
+                raise ConfigError(f"{key}: {exc}") from exc
 
 
 def absolute_shards(cfg: Config) -> None:

@@ -70,9 +70,10 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[Config, Tun
     tune_raw.setdefault("space", {})
     for item in overrides:
         key, sep, value = item.partition("=")
-        key, value = key.strip(), yaml.safe_load(value)
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
+        value = yaml.safe_load(value)
         if key.startswith("tune.space."):  # space keys are dotted themselves: no nesting
             tune_raw["space"][key.removeprefix("tune.space.")] = value
         elif key.startswith("tune."):
@@ -121,6 +122,9 @@ def run_study(cfg: Config, tc: TuneConfig, base: dict) -> dict[str, Any]:
         _close_child_runs(rows, study_dir / "trials", tracker.tracking_uri)
         summary = _write_results(cfg, tc, base, rows, tracker)
         status = "FINISHED" if summary["best"] else "FAILED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         tracker.end(status)
     summary["tracking_uri"] = tracker.tracking_uri
