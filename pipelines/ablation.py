@@ -105,7 +105,7 @@ def load_study(
         _set(cfg_raw, "run.storage", str(study.folder))
         try:
             cfg = from_dict(Config, cfg_raw, "")
-            validate(cfg)
+            validate(cfg)  # builds the quantizer once: a bad key fails here
         except ConfigError as exc:
             raise ConfigError(f"ablation variant {variant!r}: {exc}") from exc
         study.configs[variant] = cfg

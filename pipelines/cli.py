@@ -23,7 +23,10 @@ VERBS: dict[str, tuple[str, str]] = {
         "train a tokenizer from a jobs/*.yaml config (Ray Train or --local)",
     ),
     "eval": ("pipelines.evaluate", "evaluate a checkpoint on shards: metrics JSON and recon grids"),
-    "tune": ("pipelines.tune", "search hyperparameters with Ray Tune (tune: section; ASHA, MLflow)"),
+    "tune": (
+        "pipelines.tune",
+        "search hyperparameters with Ray Tune (tune: section; ASHA, MLflow)",
+    ),
     "ablate": ("pipelines.ablation", "train one config with several quantizers; a results table"),
     "cluster": ("pipelines.cluster", "a local Ray head + MLflow server for `ray job submit`"),
 }

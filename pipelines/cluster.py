@@ -1,35 +1,35 @@
 """`vqtok cluster up|down|status`: a one-machine cluster for `ray job submit`.
 
     vqtok cluster up [--dir runs/cluster] [--host 127.0.0.1] [--num-cpus N] [--num-gpus N]
-    ray job submit --address http://127.0.0.1:PORT --working-dir . -- vqtok train jobs/demo.yaml ...
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:PORT --working-dir . -- \
+        vqtok train jobs/demo.yaml data.shards=[$PWD/demo_data/train-*.tar] run.storage=$PWD/runs
     vqtok cluster status          # cluster.json + whether each part is alive
     vqtok cluster down            # stops only this cluster's processes
 
-`up` starts, in this order:
+`up` starts, side by side:
 - an MLflow server (SQLite `DIR/mlflow.db`, artifacts in `DIR/mlartifacts`, served through it);
 - a Ray head (`ray start --head`) with its dashboard and job server, its own `--temp-dir`
   (a short path: Ray's socket paths must stay under 107 bytes) and its own free ports, so it
   never meets another Ray on the machine; `MLFLOW_TRACKING_URI` is set in its environment,
   so submitted `vqtok` jobs log to this MLflow unless told otherwise.
-Both bind 127.0.0.1 unless `--host` says otherwise. Everything is recorded in
-`DIR/cluster.json` (PIDs, ports, URLs, the RAY_ADDRESS for `ray job submit`, log paths).
+Everything is recorded in `DIR/cluster.json` (PIDs, ports, URLs, the address for
+`ray job submit`, log paths).
 
-Stopping: `ray stop` ends every Ray process on the machine and has no option to pick one
-cluster, so it is never used. Every process `up` starts carries `VQTOK_CLUSTER_ID=<id>` in
-its environment (inherited by Ray's raylet, workers, job supervisors and job drivers, which
-run in sessions of their own, and by the MLflow server); `down` signals exactly the
-processes whose environment holds this cluster's id (SIGTERM, then SIGKILL after a grace).
+Stopping: `ray stop` ends every Ray process on the machine (it has no way to pick one
+cluster), so it is never used. Every process `up` starts carries `VQTOK_CLUSTER_ID=<id>` in
+its environment (inherited by raylet, workers, job supervisors and job drivers, which run in
+sessions of their own, and by the MLflow server); `down` signals exactly those
+(`pipelines.procs`), in `ray stop`'s order, SIGKILL after a grace period.
 
-Binding: MLflow and Ray's HTTP endpoints (dashboard, job server) listen on `--host` only.
-Ray's gRPC daemons (GCS, raylet, object manager) listen on every interface whatever is asked:
-`ray start` replaces a loopback `--node-ip-address` by the machine's address
-(`services.resolve_ip_for_localhost`) and has no bind option. So the GCS of even a
-"loopback" head is reachable from the network, and Ray token authentication stays ON by
-default (`RAY_AUTH_MODE=token`, token in `~/.ray/auth_token`, created if missing). For the
-same user on this machine nothing changes: `ray job submit` and `ray.init` find that file
-and use it. Other machines need the token (copy the file and set `RAY_AUTH_TOKEN_PATH`, or
-`RAY_AUTH_TOKEN`). `--no-auth` (`RAY_AUTH_MODE=disabled`) turns it off, for a machine where
-nobody else can reach its ports; an explicit `RAY_AUTH_MODE` in the environment wins.
+Binding and auth: MLflow and Ray's HTTP endpoints (dashboard, job server) listen on `--host`.
+Ray's gRPC daemons (GCS, raylet) listen on every interface whatever is asked: `ray start`
+swaps a loopback `--node-ip-address` for the machine's address and has no bind option. So
+even a "loopback" head is reachable from the network, and Ray token auth stays ON by default
+(token in `~/.ray/auth_token`, created if missing). Clients of this user need only
+`RAY_AUTH_MODE=token` (the CLI's default mode is "disabled"); other machines also need the
+token (copy the file to `RAY_AUTH_TOKEN_PATH`, or set `RAY_AUTH_TOKEN`). `--no-auth`
+(`RAY_AUTH_MODE=disabled`) is for a machine whose ports nobody else can reach; an explicit
+`RAY_AUTH_MODE` in the environment wins.
 """
 
 from __future__ import annotations
@@ -37,17 +37,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pipelines.mlflow_server import free_port, start_mlflow_server
+from pipelines.procs import cmdline, http_ok, read_bytes, stop_tagged, tagged_pids
 
 MARKER = "VQTOK_CLUSTER_ID"
 DEFAULT_DIR = "runs/cluster"
@@ -65,94 +64,30 @@ class ClusterError(RuntimeError):
     """A cluster that cannot start, or a cluster folder in a bad state."""
 
 
-# --- processes ---------------------------------------------------------------------------
-
-
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:  # gone, or not ours to read
-        return b""
-
-
-def alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie waiting for its parent counts as gone)."""
-    stat = _read(f"/proc/{pid}/stat")
-    return bool(stat) and stat.rsplit(b")", 1)[-1].split()[0] != b"Z"
-
-
-def cmdline(pid: int) -> str:
-    return _read(f"/proc/{pid}/cmdline").replace(b"\0", b" ").decode(errors="replace").strip()
-
-
 def cluster_pids(cluster_id: str) -> list[int]:
-    """Live processes whose environment carries this cluster's id (ours alone: the id is a
-    fresh uuid, and only processes we started or their descendants inherit it)."""
-    needle = f"{MARKER}={cluster_id}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            if needle in _read(f"/proc/{entry}/environ").split(b"\0") and alive(int(entry)):
-                found.append(int(entry))
-    return sorted(found)
+    """Live processes of this cluster: their environment holds `VQTOK_CLUSTER_ID=<id>`."""
+    return tagged_pids(MARKER, cluster_id)
+
+
+def terminate(cluster_id: str, grace_s: float = 15.0) -> dict:
+    """Stop the cluster's processes in `ray stop`'s order: raylet, all but the GCS, the rest."""
+    return stop_tagged(MARKER, cluster_id, ("/raylet", "/gcs_server"), grace_s)
 
 
 def _token(token_path: str | None) -> str | None:
     """The Ray auth token for our own HTTP checks (never printed or stored)."""
     if os.environ.get("RAY_AUTH_TOKEN"):
         return os.environ["RAY_AUTH_TOKEN"]
-    return _read(token_path).decode().strip() or None if token_path else None
-
-
-def _http_ok(url: str, token: str | None = None, timeout: float = 2.0) -> bool:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        with opener.open(urllib.request.Request(url, headers=headers), timeout=timeout) as r:
-            return r.status == 200
-    except OSError:
-        return False
+    return (read_bytes(token_path).decode().strip() or None) if token_path else None
 
 
 def _wait_http(url: str, timeout_s: float, what: str, log: Path, token: str | None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if _http_ok(url, token):
+        if http_ok(url, token):
             return
         time.sleep(0.5)
     raise ClusterError(f"{what} at {url} did not answer in {timeout_s:.0f} s; see {log}")
-
-
-def terminate(cluster_id: str, grace_s: float = 15.0) -> dict:
-    """Stop the cluster's processes in `ray stop`'s order: the raylet, then all but the GCS,
-    then the rest; each stage gets SIGTERM and a third of `grace_s`, then SIGKILL."""
-    done: dict = {"terminated": 0, "killed": []}
-    stages = (RAY_PARTS["raylet"], "", None)  # None: everything left, the GCS included
-    for stage in stages:
-        pids = [
-            p for p in cluster_pids(cluster_id)
-            if stage is None or (cmdline(p).split(" ")[0].endswith(stage) if stage
-                                 else not cmdline(p).split(" ")[0].endswith("/gcs_server"))
-        ]  # fmt: skip
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in pids:
-                name = cmdline(pid)[:80]
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    continue
-                if sig == signal.SIGTERM:
-                    done["terminated"] += 1
-                else:
-                    done["killed"].append(f"{pid} {name}")
-            deadline = time.monotonic() + (grace_s / len(stages) if sig == signal.SIGTERM else 5)
-            while pids and time.monotonic() < deadline:
-                time.sleep(0.2)
-                pids = [p for p in pids if alive(p)]
-            if not pids:
-                break
-    return done
 
 
 # --- up / down / status ------------------------------------------------------------------
@@ -262,7 +197,7 @@ def up(folder: Path, host: str = "127.0.0.1", num_cpus: int | None = None,
             terminate(cid, grace_s=3.0)
             raise
     pids = cluster_pids(cid)
-    gcs = _read(str(temp_dir / "ray_current_cluster")).decode().strip()
+    gcs = read_bytes(str(temp_dir / "ray_current_cluster")).decode().strip()
     state = {
         "cluster_id": cid,
         "dir": str(folder),
@@ -288,7 +223,8 @@ def up(folder: Path, host: str = "127.0.0.1", num_cpus: int | None = None,
             "artifacts": str(folder / "mlartifacts"),
             "log": str(logs / "mlflow.log"),
         },
-        "submit": (f"ray job submit --address {dashboard} --working-dir . -- vqtok train "
+        "submit": (f"RAY_AUTH_MODE={auth_mode} ray job submit --address {dashboard} "
+                   "--working-dir . -- vqtok train "
                    "jobs/demo.yaml data.shards=[$PWD/demo_data/train-*.tar] "
                    "train.eval_shards=[$PWD/demo_data/val-*.tar] run.storage=$PWD/runs"),
     }  # fmt: skip
@@ -313,9 +249,9 @@ def status(folder: Path) -> dict:
     state["alive"] = {
         **{name: pid in pids for name, pid in state["ray"]["pids"].items()},
         "mlflow_server": state["mlflow"]["pid"] in pids,
-        "dashboard_http": _http_ok(f"{dash}/api/version", token),
-        "job_server_http": _http_ok(f"{dash}/api/jobs/", token),
-        "mlflow_http": _http_ok(f"{ml}/health"),
+        "dashboard_http": http_ok(f"{dash}/api/version", token),
+        "job_server_http": http_ok(f"{dash}/api/jobs/", token),
+        "mlflow_http": http_ok(f"{ml}/health"),
     }
     state["processes"] = len(pids)
     return state
@@ -368,16 +304,9 @@ def _print_up(s: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         if args.action == "up":
-            _print_up(
-                up(
-                    args.dir,
-                    args.host,
-                    args.num_cpus,
-                    args.num_gpus,
-                    not args.no_auth,
-                    args.timeout,
-                )
-            )
+            state = up(args.dir, args.host, args.num_cpus, args.num_gpus, not args.no_auth,
+                       args.timeout)  # fmt: skip
+            _print_up(state)
             return 0
         if args.action == "status":
             s = status(args.dir)

@@ -1,6 +1,6 @@
 """Evaluation: reconstruction and codebook metrics over a data set, recon grids, `vqtok eval`.
 
-    metrics, grid = evaluate(model, batches, device, video=True)
+    metrics, media = evaluate(model, batches, device, video=True)  # media: grid, clip
 
 Metrics come from `vqcore.metrics.ReconMetrics` (PSNR/SSIM per frame, LPIPS only with real
 weights, per-resolution and per-frame-count breakdown) plus codebook usage, perplexity and
@@ -53,6 +53,28 @@ def recon_grid(x: torch.Tensor, x_hat: torch.Tensor, max_items: int = 4, max_fra
     return ((img.float() + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
 
 
+def side_by_side_clip(x: torch.Tensor, x_hat: torch.Tensor, i: int, frames: int) -> np.ndarray:
+    """uint8 (T, H, 2W, 3) of clip i: original left, reconstruction right."""
+    pair = torch.cat([x[i, :, :frames], x_hat[i, :, :frames].clamp(-1, 1)], dim=-1)
+    return ((pair.float() + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+
+
+def save_mp4(frames_thwc: np.ndarray, path: Path, fps: int = 8) -> Path:
+    """H.264 mp4 through PyAV (even sizes padded, as yuv420p needs)."""
+    import av
+
+    t, h, w, _ = frames_thwc.shape
+    frames_thwc = np.pad(frames_thwc, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w + w % 2, h + h % 2, "yuv420p"
+        for frame in frames_thwc:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+    return path
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -63,15 +85,16 @@ def evaluate(
     max_batches: int | None = None,
     metrics_config: MetricsConfig | None = None,
     autocast=None,
-) -> tuple[dict, np.ndarray | None]:
-    """Metrics over `batches` (uint8 video dicts) and a recon grid of the first batch."""
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """Metrics over `batches` (uint8 video dicts), and media of the first batch: `grid` (a
+    recon grid image) and, for clips of several frames, `clip` (original | recon frames)."""
     was_training = model.training
     model.eval()
     quantizers = top_level_quantizers(model)
     for q in quantizers:
         q.reset_usage()
     acc = ReconMetrics(metrics_config or MetricsConfig(fid=False))
-    grid = None
+    media: dict[str, np.ndarray] = {}
     try:
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
@@ -96,15 +119,20 @@ def evaluate(
                 num_tokens=positions,
                 bits_per_token=bits,
             )
-            if grid is None:
-                grid = recon_grid(x, x_hat)
+            if not media:
+                media["grid"] = recon_grid(x, x_hat)
+            if "clip" not in media:  # the first clip of several real frames
+                real = batch.get("num_frames", torch.full((x.shape[0],), x.shape[2]))
+                i = int(torch.as_tensor(real).argmax())
+                if int(real[i]) > 1:
+                    media["clip"] = side_by_side_clip(x, x_hat, i, int(real[i]))
     finally:
         model.train(was_training)
     metrics = {f"eval/{k}": v for k, v in acc.compute().items() if v is not None}
     for idx, q in enumerate(quantizers):
         name = "quantizer" if len(quantizers) == 1 else f"quantizer{idx}"
         metrics.update({f"eval/{name}_{k}": v for k, v in q.usage_stats().items()})
-    return metrics, grid
+    return metrics, media
 
 
 def save_png(image: np.ndarray, path: Path) -> Path:
@@ -174,15 +202,17 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"vqtok eval: only data.* overrides are taken, got {key!r}")
         data[key.removeprefix("data.")] = yaml.safe_load(value)
     data_cfg = from_dict(DataConfig, data, "data")
-    metrics, grid = evaluate(
+    metrics, media = evaluate(
         model, iter_batches(data_cfg, epoch=0), device,
         video=cfg["model"].get("type") == "pvqvae", max_batches=args.max_batches,
     )  # fmt: skip
     out = args.out or checkpoint / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    if grid is not None:
-        save_png(grid, out / "recon.png")
+    if "grid" in media:
+        save_png(media["grid"], out / "recon.png")
+    if "clip" in media:
+        save_mp4(media["clip"], out / "recon.mp4")
     print(json.dumps(metrics, indent=1))
     print(f"[vqtok] eval results in {out}")
     return 0

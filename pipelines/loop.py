@@ -44,6 +44,7 @@ class Session(Protocol):
     def report(self, metrics: dict, checkpoint: Path | None) -> None: ...
     def eval_batches(self) -> Iterable[dict] | None: ...  # rank 0's validation data
     def log_image(self, image, step: int) -> None: ...
+    def export_model(self, model) -> None: ...  # rank 0, at the end: the EMA weights
 
 
 def seed_everything(seed: int) -> None:
@@ -90,9 +91,10 @@ def train_loop(cfg: Config, session: Session) -> dict[str, float]:
     init_single_process_group(device)  # no-op under Ray Train, which made the group
     seed_everything(cfg.train.seed)
     objective = build_objective(cfg, device)
-    ema = AveragedModel(
-        objective.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True
-    )
+    # the EMA copies the full model before ZeRO-3 partitions it (engines are made after)
+    ema_avg = get_ema_multi_avg_fn(cfg.train.ema_decay)
+    ema = AveragedModel(objective.model, multi_avg_fn=ema_avg, use_buffers=True)
+    objective.init_engines()
     state = ckpt.TrainState(seed=cfg.train.seed)
     restore = session.restore_dir()
     if restore is not None:
@@ -159,6 +161,8 @@ def train_loop(cfg: Config, session: Session) -> dict[str, float]:
             path = save_checkpoint(cfg, session, objective, ema, state)
         if metrics and (state.step % log_every == 0 or path is not None or evaluate_now):
             session.report({**metrics, "step": state.step}, path)
+    if session.rank == 0 and state.step >= cfg.train.steps:
+        session.export_model(ema.module)
     return metrics
 
 
@@ -180,12 +184,12 @@ def run_eval(cfg: Config, session: Session, model, objective, device, step: int)
     batches = session.eval_batches()
     if batches is None:
         return {}
-    metrics, grid = evaluate(
+    metrics, media = evaluate(
         model, batches, device, video=objective.video,
         max_batches=cfg.train.eval_batches, autocast=autocast(cfg, device),
     )  # fmt: skip
-    if grid is not None:
-        session.log_image(grid, step)
+    if "grid" in media:
+        session.log_image(media["grid"], step)
     return metrics
 
 

@@ -49,6 +49,14 @@ class Objective:
         self.micro = 0
         self.tokens = 0  # latent positions quantized on this rank
 
+    def init_engines(self) -> None:
+        """Wrap the model in its DeepSpeed engines. Called after anything that must copy the
+        full model (the EMA): under ZeRO-3 the engines partition its parameters."""
+        self.engines = self._engines()
+
+    def _engines(self) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.video else fold_frames(x)
 
@@ -102,17 +110,20 @@ class TokenizerObjective(Objective):
         from vqcore.losses import TokenizerLoss
 
         self.loss_fn = TokenizerLoss(cfg.loss).to(device)
-        micro = cfg.data.batch_size
-        gen_params = list(self.model.parameters()) + self.loss_fn.trainable_parameters()
-        self.engines = {"gen": make_engine(self.model, gen_params, cfg, cfg.optim.lr, micro)}
         self.disc = None
         if cfg.loss.gan_weight > 0:
             from vqcore.models.discriminator import build_discriminator
 
             self.disc = build_discriminator(discriminator_spec(cfg, self.video)).to(device)
-            self.engines["disc"] = make_engine(
-                self.disc, self.disc.parameters(), cfg, cfg.optim.disc_lr or cfg.optim.lr, micro
-            )
+
+    def _engines(self) -> dict:
+        cfg, micro = self.cfg, self.cfg.data.batch_size
+        gen_params = list(self.model.parameters()) + self.loss_fn.trainable_parameters()
+        engines = {"gen": make_engine(self.model, gen_params, cfg, cfg.optim.lr, micro)}
+        if self.disc is not None:
+            lr = cfg.optim.disc_lr or cfg.optim.lr
+            engines["disc"] = make_engine(self.disc, self.disc.parameters(), cfg, lr, micro)
+        return engines
 
     def micro_step(self, x, step: int, num_frames=None):
         x = self.prepare(x)
@@ -140,11 +151,9 @@ class TokenizerObjective(Objective):
 
 
 class HFSVQObjective(Objective):
-    def __init__(self, cfg: Config, device: torch.device):
-        super().__init__(cfg, device)
-        micro = cfg.data.batch_size
-        m = self.model
-        self.engines = {
+    def _engines(self) -> dict:
+        cfg, micro, m = self.cfg, self.cfg.data.batch_size, self.model
+        return {
             "low": make_engine(m.low, m.low_step_parameters(), cfg, cfg.optim.lr, micro),
             "high": make_engine(m.high, m.high_step_parameters(), cfg, cfg.optim.lr, micro),
         }

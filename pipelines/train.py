@@ -51,6 +51,21 @@ class RunLog:
         if self.tracker is not None:
             self.tracker.log_image(image, "recon", step)
 
+    def export_model(self, cfg: Config, model) -> Path:
+        """`<run>/model/`: the EMA weights and the model config, rebuilt by
+        `vqcore.models.build_model(model.yaml)` + `load_state_dict(model.pt)`; also logged as
+        the MLflow artifact `model/`."""
+        import torch
+        import yaml
+
+        out = cfg.run.run_dir / "model"
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "model.pt")
+        (out / "model.yaml").write_text(yaml.safe_dump(cfg.model, sort_keys=False))
+        if self.tracker is not None:
+            self.tracker.log_artifact(out, "model")
+        return out
+
     def end(self, status: str) -> None:
         if self.tracker is not None:
             self.tracker.end(status)
@@ -100,6 +115,9 @@ class LocalSession:
     def log_image(self, image, step: int) -> None:
         self.log.image(image, step)
 
+    def export_model(self, model) -> None:
+        self.log.export_model(self.cfg, model)
+
 
 class RaySession:
     """Inside a Ray Train worker: dataset shard, `ray.train.report`, `get_checkpoint`."""
@@ -148,6 +166,9 @@ class RaySession:
 
     def log_image(self, image, step: int) -> None:
         self.log.image(image, step)
+
+    def export_model(self, model) -> None:
+        self.log.export_model(self.cfg, model)
 
 
 def _quiet_report_log() -> None:

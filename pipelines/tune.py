@@ -47,6 +47,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -164,40 +165,26 @@ def _tuner(cfg: Config, tc: TuneConfig, base: dict, study: dict, concurrency: in
     # Trials run in the job's working directory (relative shard paths), as `vqtok train` does.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     s = tc.scheduler
-    scheduler = (
-        ASHAScheduler(
-            time_attr="step",
-            max_t=cfg.train.steps,
-            grace_period=s.grace_period,
-            reduction_factor=s.reduction_factor,
-        )  # fmt: skip
-        if s.type == "asha"
-        else FIFOScheduler()
-    )
+    scheduler = FIFOScheduler()
+    if s.type == "asha":
+        scheduler = ASHAScheduler(time_attr="step", max_t=cfg.train.steps,
+            grace_period=s.grace_period, reduction_factor=s.reduction_factor)  # fmt: skip
     if tc.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         search, limit = OptunaSearch(seed=tc.seed), concurrency
-    else:  # a SearchGenerator: Tune ignores max_concurrent_trials for it, so limit it here
-        search, limit = (
-            BasicVariantGenerator(random_state=tc.seed, max_concurrent=concurrency),
-            None,
-        )
+    else:  # Tune ignores max_concurrent_trials for a SearchGenerator: it limits itself
+        search = BasicVariantGenerator(random_state=tc.seed, max_concurrent=concurrency)
+        limit = None
     driver = tune.with_parameters(run_trial, base=base, study=study)
     return tune.Tuner(
         tune.with_resources(driver, {"cpu": 0.01}),  # the workers hold the CPUs
         param_space=build_space(tc.space),
-        tune_config=tune.TuneConfig(
-            metric=tc.metric,
-            mode=tc.mode,
-            num_samples=tc.num_samples,
-            max_concurrent_trials=limit,
-            scheduler=scheduler,
-            search_alg=search,
-            trial_dirname_creator=_trial_id,
-        ),  # fmt: skip
+        tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, num_samples=tc.num_samples,
+            max_concurrent_trials=limit, scheduler=scheduler, search_alg=search,
+            trial_dirname_creator=_trial_id),
         run_config=tune.RunConfig(name="tune", storage_path=str(cfg.run.run_dir)),
-    )
+    )  # fmt: skip
 
 
 def _trial_id(trial) -> str:
@@ -255,28 +242,37 @@ def _scored(row: dict, tc: TuneConfig) -> bool:
     return isinstance(value, float) and math.isfinite(value)
 
 
-def _close_child_runs(rows: list[dict], trials_dir: Path, uri: str) -> None:
-    """Deliver what killed trials left in their journals; mark their runs KILLED/FAILED."""
+def _close_child_runs(rows: list[dict], trials_dir: Path, uri: str, wait_s: float = 60) -> None:
+    """Deliver what killed trials left in their journals; mark their runs KILLED/FAILED.
+
+    A trial ASHA stopped a moment ago may still be exiting (its rank 0 holds the journal
+    lock): `sync_journal` raises RuntimeError until it is gone, so wait up to `wait_s`."""
     from mlflow.tracking import MlflowClient
 
     from pipelines.tracking import sync_journal
 
-    client = MlflowClient(tracking_uri=uri)
+    client, deadline = MlflowClient(tracking_uri=uri), time.monotonic() + wait_s
     for row in rows:
         run_dir = trials_dir / row["trial_id"]
         id_file = run_dir / "mlflow_run_id"
-        row["mlflow_run_id"] = id_file.read_text().strip() if id_file.exists() else None
-        if row["mlflow_run_id"] is None:
+        run_id = row["mlflow_run_id"] = id_file.read_text().strip() if id_file.exists() else None
+        if run_id is None:
             continue
         try:
-            sync_journal(run_dir, uri)
-            client.set_tag(row["mlflow_run_id"], "vqtok.trial_status", row["status"])
-            if client.get_run(row["mlflow_run_id"]).info.status == "RUNNING":
+            while True:
+                try:
+                    sync_journal(run_dir, uri)
+                    break
+                except RuntimeError:  # a live Tracker (the trial's rank 0) holds the folder
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+            client.set_tag(run_id, "vqtok.trial_status", row["status"])
+            if client.get_run(run_id).info.status == "RUNNING":
                 killed = row["status"] in ("STOPPED", "FINISHED")
-                client.set_terminated(row["mlflow_run_id"], "KILLED" if killed else "FAILED")
+                client.set_terminated(run_id, "KILLED" if killed else "FAILED")
         except Exception as exc:  # the table matters more than one run's status
-            print(f"[vqtok] trial {row['trial_id']}: MLflow update failed: {exc}",
-                  file=sys.stderr)  # fmt: skip
+            print(f"[vqtok] trial {row['trial_id']}: MLflow update failed: {exc}", file=sys.stderr)
 
 
 def _write_results(cfg: Config, tc: TuneConfig, base: dict, rows: list[dict], tracker) -> dict:

@@ -13,8 +13,8 @@ conditional keys, so every combination must be a valid config (searching
 
 `check_space` fails before any trial starts, naming the key: an unknown domain, a key outside
 the config tree, or a value that makes an invalid config (each key's choices and bounds are
-tried alone, then with the others at their first value, through the same checks as `vqtok
-train` plus the quantizer's own config, which `load_config` leaves to build time).
+tried alone, then with the others at their first value, through the checks of `vqtok train`,
+which build the model's quantizers).
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ class SchedulerConfig:
 
 @dataclass
 class TuneConfig:
+    """The `tune:` section: what to optimise, how many trials and how many at once, the
+    scheduler and search algorithm, and the space."""
+
     metric: str = "eval/psnr"  # a metric the loop reports: eval/* (at eval_every), train/*
     mode: str = "max"  # "max" | "min"
     num_samples: int = 4  # trials (times the size of any grid)
@@ -183,27 +186,13 @@ def check_key(key: str) -> None:
 
 def resolve(base: dict, values: dict[str, Any]) -> Config:
     """The training config of one trial: `base` (raw YAML data) with dotted `values`,
-    checked like `load_config`, plus the model's quantizer config."""
+    checked as `load_config` checks (the model's quantizers included)."""
     raw = copy.deepcopy(base)
     for key, value in values.items():
         _set_dotted(raw, key, value)
     cfg = from_dict(Config, raw, "")
     validate(cfg)
-    check_quantizer(cfg.model)
     return cfg
-
-
-def check_quantizer(model: dict) -> None:
-    """Unknown quantizer keys and bad values, which otherwise fail only on the workers."""
-    from vqcore.models import model_config
-    from vqcore.quantizers.registry import make_config
-
-    spec = model_config(model)
-    if hasattr(spec, "quantizer_config"):
-        try:
-            make_config(spec.quantizer_config()).validate()
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"model.quantizer: {exc}") from exc
 
 
 def space_json(space: dict) -> str:
