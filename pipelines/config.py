@@ -150,7 +150,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+        set_dotted(raw, key.strip(), yaml.safe_load(value))
     cfg = from_dict(Config, raw, "")
     validate(cfg)
     return cfg
@@ -214,7 +214,7 @@ def _validate_model(spec: dict) -> None:
         raise ConfigError(f"model: {exc}") from exc
 
 
-def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+def set_dotted(d: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     for p in parents:
         nxt = d.setdefault(p, {})

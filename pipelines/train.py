@@ -264,10 +264,24 @@ def init_ray(**kwargs) -> None:
     """Connect to the cluster in RAY_ADDRESS (set by `ray job submit`; `auto` = the cluster
     `ray start` made on this machine), else start a private local Ray (never an unrelated
     Ray that happens to run here); forwards the few environment variables workers need."""
+    import socket
+
     import ray
 
     if ray.is_initialized():
         return
+    if not os.environ.get("RAY_ADDRESS"):
+        # Train V2's PlacementGroupCleaner asks the state API (the dashboard) whether a run's
+        # controller is alive, to free its CPUs when it dies (a failed run, a trial ASHA
+        # stops). Without a dashboard, or with another Ray on the host ("Found multiple
+        # active Ray instances"), it cannot, and stopped runs keep their CPUs reserved. So a
+        # local Ray gets its dashboard on a free port, named to every worker.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        kwargs = {"include_dashboard": True, "dashboard_host": "127.0.0.1",
+                  "dashboard_port": port, **kwargs}  # fmt: skip
     # Each report blocks until the controller polls; 2 s by default (RUNTIME.md).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     # per-epoch progress bars of Ray Data would bury the training progress line

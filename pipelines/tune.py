@@ -53,7 +53,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.config import Config, ConfigError, _set_dotted, from_dict
+from pipelines.config import Config, ConfigError, from_dict, set_dotted
 from pipelines.tune_space import TuneConfig, build_space, check_space, resolve, space_json
 
 
@@ -78,9 +78,9 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[Config, Tun
         if key.startswith("tune.space."):  # space keys are dotted themselves: no nesting
             tune_raw["space"][key.removeprefix("tune.space.")] = value
         elif key.startswith("tune."):
-            _set_dotted(tune_raw, key.removeprefix("tune."), value)
+            set_dotted(tune_raw, key.removeprefix("tune."), value)
         else:
-            _set_dotted(raw, key, value)
+            set_dotted(raw, key, value)
     tc = from_dict(TuneConfig, tune_raw, "tune")
     cfg = resolve(raw, {})
     tc.validate(cfg)
@@ -91,14 +91,14 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[Config, Tun
 def run_study(cfg: Config, tc: TuneConfig, base: dict) -> dict[str, Any]:
     """Run every trial; write and log the table and the best config. Returns the summary."""
     from pipelines.tracking import Tracker
-    from pipelines.train import check_data
+    from pipelines.train import check_data, init_ray
 
     study_dir = cfg.run.run_dir
     if (study_dir / "study.yaml").exists():
         raise ConfigError(f"run.name: a study {cfg.run.name!r} already exists in {study_dir}; "
                           "choose another run.name (resuming a study is not supported)")  # fmt: skip
     check_data(cfg)
-    start_ray()
+    init_ray()
     concurrency = _concurrency(cfg, tc)
     study_dir.mkdir(parents=True, exist_ok=True)
     tune_dict = dataclasses.asdict(tc)
@@ -130,29 +130,6 @@ def run_study(cfg: Config, tc: TuneConfig, base: dict) -> dict[str, Any]:
         tracker.end(status)
     summary["tracking_uri"] = tracker.tracking_uri
     return summary
-
-
-def start_ray(**kwargs) -> None:
-    """`init_ray`, and when it starts a local Ray: the dashboard on a free port, named to
-    every worker as RAY_API_SERVER_ADDRESS (workers inherit the env of a local start).
-
-    Train V2's PlacementGroupCleaner asks the state API (the dashboard) whether a trial's
-    Train controller is alive, to free its placement group when ASHA kills the trial; with
-    no dashboard, or another Ray on the host ("Found multiple active Ray instances"), it
-    cannot, the CPUs of every stopped trial stay reserved, and later trials wait forever."""
-    import socket
-
-    import ray
-
-    from pipelines.train import init_ray
-
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        kwargs = {"include_dashboard": True, "dashboard_port": port, **kwargs}
-    init_ray(**kwargs)
 
 
 def _tuner(cfg: Config, tc: TuneConfig, base: dict, study: dict, concurrency: int):

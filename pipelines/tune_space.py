@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, get_type_hints
 
-from pipelines.config import Config, ConfigError, _set_dotted, from_dict, validate
+from pipelines.config import Config, ConfigError, from_dict, set_dotted, validate
 
 DOMAINS = ("choice", "grid", "uniform", "quniform", "loguniform", "randint")
 SEARCHES = ("random", "optuna")
@@ -189,7 +189,7 @@ def resolve(base: dict, values: dict[str, Any]) -> Config:
     checked as `load_config` checks (the model's quantizers included)."""
     raw = copy.deepcopy(base)
     for key, value in values.items():
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     cfg = from_dict(Config, raw, "")
     validate(cfg)
     return cfg

@@ -29,7 +29,7 @@ def ray_local():
 
     from pipelines.train import init_ray
 
-    init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()
 
