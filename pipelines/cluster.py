@@ -94,11 +94,17 @@ def _wait_http(url: str, timeout_s: float, what: str, log: Path, token: str | No
 
 
 def _ray_temp_dir(folder: Path) -> Path:
-    candidate = folder / "ray"
-    if len(str(candidate)) <= MAX_TEMP_DIR:
-        candidate.mkdir(parents=True, exist_ok=True)
-        return candidate
-    return Path(tempfile.mkdtemp(prefix="vqtok-ray-", dir="/tmp"))
+    """`folder/ray`, or a short /tmp folder (linked as `folder/ray`) when that path is long."""
+    link = folder / "ray"
+    folder.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink():
+        link.unlink()
+    if len(str(link)) <= MAX_TEMP_DIR:
+        link.mkdir(parents=True, exist_ok=True)
+        return link
+    temp = Path(tempfile.mkdtemp(prefix="vqtok-ray-", dir="/tmp"))
+    link.symlink_to(temp, target_is_directory=True)
+    return temp
 
 
 def _classify(pids: list[int]) -> dict[str, int]:
@@ -171,6 +177,10 @@ def up(folder: Path, host: str = "127.0.0.1", num_cpus: int | None = None,
         # and kept: the shared default is rebuilt whenever a process with other flags uses it
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR")
         or str(Path.home() / ".cache" / "vqtok" / "torch_extensions"),
+        # the raylet waits this long for its dashboard agent (a Python process that took
+        # ~20 s to start on a loaded 2-core machine; past the default the raylet aborts)
+        "RAY_agent_register_timeout_ms": os.environ.get("RAY_agent_register_timeout_ms")
+        or str(int(timeout_s * 1000)),
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     cmd = [

@@ -15,6 +15,7 @@ import os
 import socket
 import warnings
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,7 +26,13 @@ from pipelines.config import Config
 def setup_accelerator(use_gpu: bool) -> torch.device:
     """Pick the device; must run before `import deepspeed` for the CPU accelerator."""
     # DeepSpeed 0.19 calls a deprecated torch.distributed function on every ZeRO step
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    for fn in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings("ignore", message=f".*{fn}.*", category=FutureWarning)
+    # DeepSpeed JIT-builds its CPU comm op once (~30-90 s); a cache of our own survives runs
+    # and is not rebuilt by other projects' build flags on the same machine
+    os.environ.setdefault(
+        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "vqtok" / "torch_extensions")
+    )
     if use_gpu and torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
