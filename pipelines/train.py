@@ -43,9 +43,12 @@ class RunLog:
             return
         step = int(metrics.get("step", 0))
         self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
+        evaluation = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+        if evaluation:
+            self.tracker.log_dict({"step": step, **evaluation}, f"eval/step_{step:08d}.json")
         if checkpoint is not None:
             for d in sorted((checkpoint / "codebooks").glob("quantizer*")):
-                self.tracker.log_codebook(d, step=step)
+                self.tracker.log_codebook(d, step=step, name=f"codebooks/{d.name}")
 
     def image(self, image, step: int) -> None:
         if self.tracker is not None:

@@ -93,6 +93,8 @@ def test_pvqvae_trains_resumes_and_logs(shards, tmp_path, ray_local):
     files = _artifacts(client, run.info.run_id)
     assert any(f.startswith("recon/") and f.endswith(".png") for f in files), files
     assert any(f.endswith("codebook.json") for f in files), files
+    assert any(f.startswith("eval/") and f.endswith(".json") for f in files), files
+    assert any(f.startswith("model/") and f.endswith("model.pt") for f in files), files
     assert any(f.endswith(".png") and "codebook" in f for f in files), files
 
 
