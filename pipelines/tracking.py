@@ -128,6 +128,11 @@ class Tracker:
         if self.tracking_uri == default:
             (self.run_dir / "mlflow").mkdir(exist_ok=True)
             artifact_location = artifact_location or str(self.run_dir / "mlflow" / "artifacts")
+        elif self.tracking_uri.startswith("sqlite:///") and artifact_location is None:
+            # a shared SQLite store (a tune study, an ablation): artifacts beside the database,
+            # not in MLflow's default ./mlruns of whatever folder the process runs in
+            db = Path(self.tracking_uri.removeprefix("sqlite:///"))
+            artifact_location = str(db.parent / "artifacts")
         if self.tracking_uri.startswith(("http://", "https://")):
             # A dead server should cost seconds, not MLflow's default 7 retries x 120 s.
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(http_timeout_s)))
