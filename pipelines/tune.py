@@ -53,18 +53,14 @@ from typing import Any
 
 import yaml
 
-from pipelines.config import Config, ConfigError, from_dict, set_dotted
+from pipelines.config import Config, ConfigError, from_dict, read_sections, set_dotted
 from pipelines.tune_space import TuneConfig, build_space, check_space, resolve, space_json
 
 
 def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[Config, TuneConfig, dict]:
     """(the base training config, the tune section, the raw training YAML data)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw = read_sections(path)
     tune_raw = raw.pop("tune", None)
     if not isinstance(tune_raw, dict):
         raise ConfigError(f"tune: {path} needs a `tune:` mapping (metric, mode, space, ...)")
