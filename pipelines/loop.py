@@ -60,7 +60,8 @@ def _all_ranks(flag: bool) -> bool:
 
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return flag
-    t = torch.tensor([int(flag)])
+    nccl = dist.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
+    t = torch.tensor([int(flag)], device=torch.cuda.current_device() if nccl else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
 
