@@ -16,6 +16,7 @@ from torch import nn
 from vqcore.models.hfsvq import HFSVQ, HFSVQConfig
 from vqcore.models.image_tokenizer import ImageTokenizer, ImageTokenizerConfig
 from vqcore.models.pvqvae import PVQVAE, PVQVAEConfig
+from vqcore.quantizers.registry import split_type
 
 CONFIGS: dict[str, type] = {
     "image_tokenizer": ImageTokenizerConfig,
@@ -26,12 +27,7 @@ CONFIGS: dict[str, type] = {
 
 def model_config(cfg: dict[str, Any]):
     """The typed config of `{"type": NAME, "flavour": ..., **fields}`."""
-    if not isinstance(cfg, dict) or "type" not in cfg:
-        raise ValueError(f"model config must be a dict with a 'type' key, got {cfg!r}")
-    spec = dict(cfg)
-    name = spec.pop("type")
-    if name not in CONFIGS:
-        raise ValueError(f"unknown model type {name!r}; known: {', '.join(CONFIGS)}")
+    name, spec = split_type(cfg, "model", list(CONFIGS))
     return CONFIGS[name].from_dict(spec)
 
 

@@ -266,10 +266,7 @@ DISCRIMINATORS: dict[str, type] = {
 
 def build_discriminator(spec: dict[str, Any]) -> nn.Module:
     """`{"type": "patch2d" | "disc3d", "flavour": "debug", **fields}` -> a discriminator."""
-    if not isinstance(spec, dict) or "type" not in spec:
-        raise ValueError(f"discriminator config must be a dict with a 'type' key, got {spec!r}")
-    spec = dict(spec)
-    name = spec.pop("type")
-    if name not in DISCRIMINATORS:
-        raise ValueError(f"unknown discriminator type {name!r}; known: {', '.join(DISCRIMINATORS)}")
-    return DISCRIMINATORS[name].from_dict(spec).build()
+    from vqcore.quantizers.registry import split_type
+
+    name, rest = split_type(spec, "discriminator", list(DISCRIMINATORS))
+    return DISCRIMINATORS[name].from_dict(rest).build()

@@ -24,16 +24,23 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def split_type(spec: Any, what: str, known: list[str]) -> tuple[str, dict[str, Any]]:
+    """`{"type": NAME, **rest}` -> (NAME, rest), failing with a message that names `what`
+    (quantizer, model, discriminator) and the known types. Shared by every vqcore registry."""
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError(f"{what} config must be a dict with a 'type' key, got {spec!r}")
+    rest = dict(spec)
+    name = rest.pop("type")
+    if name not in known:
+        raise ValueError(f"unknown {what} type {name!r}; known: {', '.join(known)}")
+    return name, rest
+
+
 def make_config(spec: dict[str, Any] | QuantizerConfig) -> QuantizerConfig:
     """A typed config from a dict; unknown types and keys fail naming them."""
     if isinstance(spec, QuantizerConfig):
         return spec
-    if not isinstance(spec, dict) or "type" not in spec:
-        raise ValueError(f"quantizer config must be a dict with a 'type' key, got {spec!r}")
-    spec = dict(spec)
-    name = spec.pop("type")
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown quantizer type {name!r}; known: {', '.join(names())}")
+    name, spec = split_type(spec, "quantizer", names())
     config_cls = _REGISTRY[name][0]
     fields = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(spec) - fields)
