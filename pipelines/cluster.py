@@ -141,6 +141,21 @@ def _start_ray(cmd: list[str], env: dict, log_path: Path, dashboard: str, timeou
     _wait_http(f"{dashboard}/api/jobs/", timeout_s, "Ray job server", log_path, token)
 
 
+def ray_head_argv(bin_dir: str, temp_dir: Path, ports: dict[str, int], host: str = "127.0.0.1",
+                  num_cpus: int | None = None, num_gpus: int | None = None) -> list[str]:  # fmt: skip
+    """The `ray start --head` command line; the dashboard and job server bind to `host`."""
+    cmd = [
+        os.path.join(bin_dir, "ray"), "start", "--head", "--disable-usage-stats",
+        "--temp-dir", str(temp_dir), "--port", str(ports["gcs"]),
+        "--include-dashboard", "true", "--dashboard-host", host,
+        "--dashboard-port", str(ports["dashboard"]),
+        "--ray-client-server-port", str(ports["client_server"]),
+        "--dashboard-agent-listen-port", str(ports["dashboard_agent"]),
+        "--num-cpus", str(num_cpus or os.cpu_count() or 1),
+    ]  # fmt: skip
+    return cmd + (["--num-gpus", str(num_gpus)] if num_gpus is not None else [])
+
+
 def up(folder: Path, host: str = "127.0.0.1", num_cpus: int | None = None,
        num_gpus: int | None = None, auth: bool = True, timeout_s: float = 120.0) -> dict:  # fmt: skip
     """Start MLflow and a Ray head side by side; write and return `folder/cluster.json`."""
@@ -183,17 +198,7 @@ def up(folder: Path, host: str = "127.0.0.1", num_cpus: int | None = None,
         or str(int(timeout_s * 1000)),
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    cmd = [
-        os.path.join(bin_dir, "ray"), "start", "--head", "--disable-usage-stats",
-        "--temp-dir", str(temp_dir), "--port", str(ports["gcs"]),
-        "--include-dashboard", "true", "--dashboard-host", host,
-        "--dashboard-port", str(ports["dashboard"]),
-        "--ray-client-server-port", str(ports["client_server"]),
-        "--dashboard-agent-listen-port", str(ports["dashboard_agent"]),
-        "--num-cpus", str(num_cpus or os.cpu_count() or 1),
-    ]  # fmt: skip
-    if num_gpus is not None:
-        cmd += ["--num-gpus", str(num_gpus)]
+    cmd = ray_head_argv(bin_dir, temp_dir, ports, host, num_cpus, num_gpus)
     start_log = logs / "ray-start.log"
     with ThreadPoolExecutor(1) as pool:  # MLflow boots (~6-60 s) while Ray starts
         ml = pool.submit(

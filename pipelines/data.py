@@ -35,7 +35,13 @@ import torch
 
 from pipelines import decode as dec
 from pipelines import sampling as smp
-from pipelines.tars import ShardCheck, check_shards, iter_tar_samples, list_shards
+from pipelines.tars import (
+    MAX_MEMBER_BYTES,
+    ShardCheck,
+    check_shards,
+    iter_tar_samples,
+    list_shards,
+)
 
 
 @dataclass
@@ -51,10 +57,12 @@ class DataConfig:
     min_frames: int = 1  # a video with fewer real frames is "too_short" (images: 1 frame, kept)
     crop_scale: tuple[float, float] = (0.8, 1.0)  # area fraction of the random-resized crop
     max_decode_side: int = 4096  # frames are never decoded larger than this
+    max_member_bytes: int = MAX_MEMBER_BYTES  # a larger tar member is skipped unread: too_large
     backend: str = dec.DEFAULT_BACKEND  # "decord" or "pyav" (decord falls back to PyAV)
     seed: int = 42
     epoch: int = 0  # first epoch; each later pass over a Ray Dataset is the next one
     shuffle_files: bool = True  # new seeded shard order every epoch
+    center: bool = False  # no random crop or window: the centred full crop, first frames
     num_cpus: float = 0.5  # per Ray read/decode task; < 1 so Train workers fit on 2 cores
     concurrency: int | None = None  # Ray decode tasks in flight (None: Ray decides)
 
@@ -71,6 +79,7 @@ class DataConfig:
             "min_frames": 0 < self.min_frames <= min(self.frame_counts or (1,)),
             "crop_scale": 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
             "max_decode_side": self.max_decode_side > 0,
+            "max_member_bytes": self.max_member_bytes > 0,
             "backend": self.backend in dec.BACKENDS,
             "seed": self.seed >= 0,
             "epoch": self.epoch >= 0,
@@ -106,9 +115,14 @@ def decode_sample(
     """Decode one sample into `out`, a zeroed uint8 `(T, H, W, 3)` batch slot (frames past
     the clip stay zero); returns the number of real frames. Raises `decode.BadSample`
     before writing anything to `out`, so a failed sample leaves its slot zero and free."""
+    skip = row.get("__skip__")  # a member the tar reader refused (tars.member_problem)
+    if isinstance(skip, str):
+        reason, _, detail = skip.partition(": ")
+        raise dec.BadSample(reason, detail)
     meta = dec.parse_meta(row.get("json") if isinstance(row.get("json"), (bytes, str)) else None)
     ext, data = _media(row)
     out_hw = (spec.height, spec.width)
+    rng = None if cfg.center else rng
     if ext in dec.IMAGE_EXTS:  # a clip of one frame
         src_hw = dec.image_size(data)
         top, left, bh, bw = smp.crop_box(rng, src_hw, out_hw, cfg.crop_scale)
@@ -213,7 +227,8 @@ def iter_raw_batches(cfg: DataConfig, epoch: int | None = None, check: ShardChec
     bundle: list[dict] = []
     for shard in epoch_order(check.good, cfg.seed, epoch, cfg.shuffle_files):
         try:
-            for block in _blocks(iter_tar_samples(shard), READER_BLOCK_ROWS):
+            samples = iter_tar_samples(shard, cfg.max_member_bytes)
+            for block in _blocks(samples, READER_BLOCK_ROWS):
                 bundle.extend(block)
                 if len(bundle) >= cfg.batch_size:
                     for i in range(0, len(bundle), cfg.batch_size):
@@ -225,7 +240,7 @@ def iter_raw_batches(cfg: DataConfig, epoch: int | None = None, check: ShardChec
         yield from decode_group(bundle, cfg, epoch)
 
 
-READER_BLOCK_ROWS = 512  # rows per block of Ray's webdataset reader
+READER_BLOCK_ROWS = 512  # rows per block of the Ray reader (as Ray's webdataset reader)
 
 
 def _blocks(rows: Iterator[dict], n: int) -> Iterator[list[dict]]:
@@ -299,10 +314,8 @@ def build_dataset(cfg: DataConfig, check: ShardCheck | None = None):
     first = sorted(check.good)[0]
     report = (first.rsplit("/", 1)[-1], check.first_keys[first], len(check.bad))
     shuffle = _epoch_shuffle(cfg.seed, cfg.epoch) if cfg.shuffle_files else None
-    ds = ray.data.read_webdataset(
-        list(check.good),
-        decoder=None,
-        shuffle=shuffle,
+    ds = ray.data.read_datasource(
+        _tar_datasource(list(check.good), shuffle, cfg.max_member_bytes),
         num_cpus=cfg.num_cpus,
         override_num_blocks=len(check.good),
     )
@@ -316,6 +329,23 @@ def build_dataset(cfg: DataConfig, check: ShardCheck | None = None):
     )
     ds.context.execution_options.preserve_order = True  # same seed, same batch order
     return ds
+
+
+def _tar_datasource(paths: list[str], shuffle, max_member_bytes: int):
+    """Ray's file datasource over `tars.iter_tar_samples`, so both paths read members by
+    the same rules (hostile names, links, oversized members are skipped unread; nothing is
+    unpickled); blocks of `READER_BLOCK_ROWS` samples, as Ray's `read_webdataset` makes."""
+    import pandas as pd
+    from ray.data.datasource import FileBasedDatasource
+
+    class TarSamples(FileBasedDatasource):
+        def _read_stream(self, stream, path: str):
+            for block in _blocks(
+                iter_tar_samples(path, max_member_bytes, stream), READER_BLOCK_ROWS
+            ):
+                yield pd.DataFrame.from_records(block)
+
+    return TarSamples(paths, shuffle=shuffle)
 
 
 def _epoch_shuffle(seed: int, first_epoch: int):

@@ -28,6 +28,9 @@ REASONS = (
     "undecodable_image",  # image bytes PIL cannot decode
     "no_media",  # a sample without any video or image member
     "bad_shard",  # a shard that is not a tar, is cut short, or has broken keys
+    "unsafe_name",  # a tar member named absolute, with `..`, non-UTF-8 or control characters
+    "not_regular",  # a tar member that is a symlink, hard link, device or fifo
+    "too_large",  # a tar member over `max_member_bytes` (never read)
     "decode_error",  # anything else raised while decoding one sample
 )
 BACKENDS = ("pyav", "decord")
@@ -119,6 +122,9 @@ def _decode_pyav(data: bytes, indices: np.ndarray, size: tuple[int, int] | None)
     got: dict[int, np.ndarray] = {}
     with av.open(io.BytesIO(data), mode="r") as container:
         stream = container.streams.video[0]
+        h0, w0 = stream.codec_context.height, stream.codec_context.width  # 0: not in header
+        if h0 and w0:
+            check_dims(h0, w0)  # a stream declaring absurd frames fails before any is decoded
         stream.codec_context.thread_count = 1  # one core per sample; Ray runs tasks in parallel
         rate = float(stream.average_rate or stream.guessed_rate or 0)
         tb = float(stream.time_base or 0)
@@ -211,8 +217,12 @@ def image_size(data: bytes) -> tuple[int, int]:
     if not data:
         raise BadSample("empty")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadSample("bad_dims", str(e)[:200]) from None  # a bomb's header: nothing decoded
     except Exception as e:  # noqa: BLE001
         raise BadSample("undecodable_image", f"{type(e).__name__}: {e}"[:200]) from None
     check_dims(h, w)

@@ -55,7 +55,7 @@ def inspect_shards(cfg: DataConfig, max_errors: int = 5) -> dict:
             group.clear()
 
         try:
-            for row in iter_tar_samples(shard):
+            for row in iter_tar_samples(shard, cfg.max_member_bytes):
                 info["samples"] += 1
                 media.update(k for k in row if not k.startswith("__") and k != "json")
                 try:

@@ -21,7 +21,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-__all__ = ["free_port", "start_mlflow_server", "stop_mlflow_server", "wait_healthy"]
+__all__ = [
+    "free_port", "server_argv", "start_mlflow_server", "stop_mlflow_server", "wait_healthy",
+]  # fmt: skip
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -50,6 +52,19 @@ def wait_healthy(url: str, timeout_s: float = 60.0, proc: subprocess.Popen | Non
     )
 
 
+def server_argv(
+    backend_uri: str, artifact_root: str, port: int, host: str = "127.0.0.1"
+) -> list[str]:
+    """The `mlflow server` command line: bound to `host` (loopback unless told otherwise),
+    one worker, artifacts proxied from `artifact_root`."""
+    return [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", backend_uri,
+        "--artifacts-destination", str(artifact_root),
+        "--host", host, "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+
+
 def start_mlflow_server(
     backend_uri: str,
     artifact_root: str | Path,
@@ -74,12 +89,7 @@ def start_mlflow_server(
     if "://" not in str(artifact_root):
         Path(artifact_root).mkdir(parents=True, exist_ok=True)
         artifact_root = str(Path(artifact_root).resolve())
-    cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", backend_uri,
-        "--artifacts-destination", str(artifact_root),
-        "--host", host, "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
+    cmd = server_argv(backend_uri, str(artifact_root), port, host)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(

@@ -1,11 +1,16 @@
 """Finding, checking and reading WebDataset tar shards (no Ray).
 
 `check_shards` walks each tar's headers (cheap: data is skipped, not read) and finds what
-would stop Ray's `read_webdataset` mid-run: not a tar, cut short (a member runs past the
-end of the file), keys that are not contiguous, or a duplicate member in a sample.
+would stop a read mid-run or lose samples unseen: not a tar, cut short (a member runs past
+the end of the file, or no end-of-archive marker after the last one), keys that are not
+contiguous, or a duplicate member in a sample.
 `iter_tar_samples` groups members into samples `{"__key__", "__url__", ext: bytes}` exactly
-as Ray's reader does (key = name up to the first dot of the basename).
-Local paths, or any URI pyarrow can open (`s3://…`, `gs://…`).
+as Ray's reader does (key = name up to the first dot of the basename); both data paths read
+through it. Members are only ever read into memory, never extracted to disk by name. A
+sample with a hostile member is yielded unread as `{"__key__", "__url__", "__skip__":
+"<reason>: <detail>"}`: an absolute, `..`, non-UTF-8 or control-character name
+("unsafe_name"), a link/device/fifo ("not_regular"), or one over `max_member_bytes`
+("too_large"). Local paths, or any URI pyarrow can open (`s3://…`, `gs://…`).
 """
 
 from __future__ import annotations
@@ -18,12 +23,50 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # the same split as Ray's reader
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+MAX_MEMBER_BYTES = 1 << 30  # default bound on one member read into memory
 
 
 def split_key(name: str) -> tuple[str | None, str | None]:
     """`"dir/abc.mp4" -> ("dir/abc", "mp4")`; `(None, None)` for a name without a dot."""
     m = _KEY_RE.match(name)
     return (m.group(1), m.group(2)) if m else (None, None)
+
+
+def safe_name(name: str) -> tuple[str, bool]:
+    """(printable name, whether it is safe). Unsafe: absolute, a `..` component, bytes that
+    are not UTF-8 (tarfile keeps them as surrogates) or control characters; the printable
+    form escapes those, so it is valid UTF-8 and never holds a newline."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    text = _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    parts = re.split(r"[/\\]", name)
+    unsafe = text != name or name.startswith(("/", "\\")) or ".." in parts
+    return text, not unsafe
+
+
+def member_problem(info: tarfile.TarInfo, max_bytes: int = MAX_MEMBER_BYTES) -> str | None:
+    """Why a member must not be read, as `"<reason>: <detail>"` (reasons as in
+    `decode.REASONS`), or None for a regular file of at most `max_bytes`."""
+    text, safe = safe_name(info.name)
+    if not safe:
+        return f"unsafe_name: {text[:200]}"
+    if not info.isreg():
+        kind = "link" if info.issym() or info.islnk() else "special file"
+        return f"not_regular: {text[:200]} is a {kind}"
+    if info.size > max_bytes:
+        return f"too_large: {text[:200]} is {info.size} bytes > max_member_bytes={max_bytes}"
+    return None
+
+
+def _keyed_members(tf: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
+    """(member, key, suffix) of the members that belong to a sample (directories and names
+    without a dot do not), keys in their printable form."""
+    for info in tf:
+        if info.isdir():
+            continue
+        key, suffix = split_key(safe_name(info.name)[0])
+        if key is not None:
+            yield info, key, suffix
 
 
 def list_shards(patterns: Iterable[str]) -> list[str]:
@@ -73,14 +116,7 @@ def check_shard(path: str) -> tuple[int, str | None]:
             raise ValueError(f"not a tar: {e}") from None
         current, first, seen, suffixes, count = None, None, set(), set(), 0
         try:
-            for info in tf:
-                if info.offset_data + info.size > size:
-                    raise ValueError(f"cut short: {info.name} needs {info.size} bytes")
-                if not info.isreg():
-                    continue
-                key, suffix = split_key(info.name)
-                if key is None:
-                    continue
+            for _info, key, suffix in _keyed_members(_sized(tf, size)):
                 if key != current:
                     if key in seen:
                         raise ValueError(f"key {key!r} is not contiguous")
@@ -88,11 +124,28 @@ def check_shard(path: str) -> tuple[int, str | None]:
                     current, suffixes, count = key, set(), count + 1
                     first = first or key
                 if suffix in suffixes:
-                    raise ValueError(f"duplicate member {info.name!r}")
+                    raise ValueError(f"duplicate member {key}.{suffix}")
                 suffixes.add(suffix)
         except tarfile.TarError as e:
             raise ValueError(f"broken tar: {e}") from None
+        # tarfile ends quietly at a cut or damaged header: what follows the last member
+        # must be the end-of-archive marker (zero blocks), else samples would go uncounted
+        f.seek(tf.offset)
+        tail = f.read(min(size - tf.offset, 1 << 16))
+        if len(tail) < 512 or tail.strip(b"\0"):
+            raise ValueError(
+                f"cut short or damaged after {count} samples: no end-of-archive marker at "
+                f"byte {tf.offset} of {size}"
+            )
     return count, first
+
+
+def _sized(tf: tarfile.TarFile, size: int) -> Iterator[tarfile.TarInfo]:
+    """Members, raising `ValueError` at the first whose declared data runs past `size`."""
+    for info in tf:
+        if info.isreg() and info.offset_data + info.size > size:
+            raise ValueError(f"cut short: {safe_name(info.name)[0]!r} needs {info.size} bytes")
+        yield info
 
 
 def check_shards(paths: Iterable[str]) -> ShardCheck:
@@ -110,22 +163,26 @@ def check_shards(paths: Iterable[str]) -> ShardCheck:
     return result
 
 
-def iter_tar_samples(path: str) -> Iterator[dict]:
-    """Samples of one shard, streamed: `{"__key__", "__url__", <ext>: bytes, ...}`."""
-    f, _ = _open(path)
+def iter_tar_samples(
+    path: str, max_member_bytes: int = MAX_MEMBER_BYTES, stream=None
+) -> Iterator[dict]:
+    """Samples of one shard, streamed: `{"__key__", "__url__", <ext>: bytes, ...}`, or
+    `{"__key__", "__url__", "__skip__"}` for a sample with a member `member_problem` refuses
+    (none of its members is read). `stream`: an open binary file to read instead of `path`."""
+    f = stream if stream is not None else _open(path)[0]
     with f, tarfile.open(fileobj=f, mode="r|") as tf:
         sample: dict | None = None
-        for info in tf:
-            if not info.isreg():
-                continue
-            key, suffix = split_key(info.name)
-            if key is None:
-                continue
-            data = tf.extractfile(info).read()
+        for info, key, suffix in _keyed_members(tf):
             if sample is None or key != sample["__key__"]:
                 if sample is not None:
                     yield sample
                 sample = {"__key__": key, "__url__": path}
-            sample[suffix] = data
+            if "__skip__" in sample:
+                continue
+            problem = member_problem(info, max_member_bytes)
+            if problem:
+                sample = {"__key__": key, "__url__": path, "__skip__": problem}
+            else:
+                sample[suffix] = tf.extractfile(info).read()
         if sample is not None:
             yield sample
