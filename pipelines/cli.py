@@ -22,7 +22,9 @@ VERBS: dict[str, tuple[str, str]] = {
         "pipelines.train",
         "train a tokenizer from a jobs/*.yaml config (Ray Train or --local)",
     ),
-    "eval": ("pipelines.evaluate", "evaluate a checkpoint on shards: metrics JSON and recon grids"),
+    "eval": ("pipelines.evaluate", "evaluate a model on shards (Ray Data actors): metrics, grids"),
+    "tokenize": ("pipelines.tokenize", "shards -> token shards with a trained model (Ray Data)"),
+    "detokenize": ("pipelines.tokenize", "token shards -> videos/images, to check by eye"),
     "tune": (
         "pipelines.tune",
         "search hyperparameters with Ray Tune (tune: section; ASHA, MLflow)",

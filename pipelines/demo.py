@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     uri = cfg.run.tracking_uri or f"sqlite:///{db}"
     print(f"\nRun folder:   {cfg.run.run_dir}")
     print(
-        f"Checkpoints:  {cfg.run.run_dir}/step_*  (vqtok eval --checkpoint {cfg.run.run_dir} "
+        f"Checkpoints:  {cfg.run.run_dir}/step_*  (vqtok eval --model {cfg.run.run_dir} "
         f"--data {data}/val-*.tar)"
     )
     print(

@@ -22,6 +22,7 @@ from torch import nn
 from pipelines.inputs import fold_frames, frame_mask, to_model_input, unfold_frames
 from vqcore.metrics import MetricsConfig, ReconMetrics
 from vqcore.quantizers import Quantizer
+from vqcore.quantizers.base import CodeUsage
 
 
 def top_level_quantizers(model: nn.Module) -> list[Quantizer]:
@@ -75,6 +76,63 @@ def save_mp4(frames_thwc: np.ndarray, path: Path, fps: int = 8) -> Path:
     return path
 
 
+class EvalAccumulator:
+    """Exact, mergeable evaluation state of one model: `ReconMetrics` (PSNR/SSIM summed per
+    frame) and each top-level quantizer's code histogram. `state()` of one process or actor
+    is merged into another's with `merge()`; `compute()` gives the `eval/*` metrics."""
+
+    def __init__(self, model: nn.Module, device: torch.device, *, video: bool,
+                 metrics_config: MetricsConfig | None = None, autocast=None):  # fmt: skip
+        self.model, self.device, self.video, self.autocast = model, device, video, autocast
+        self.quantizers = top_level_quantizers(model)
+        self.hists = [torch.zeros_like(q.usage.counts) for q in self.quantizers]
+        self.metrics = ReconMetrics(metrics_config or MetricsConfig(fid=False))
+
+    @torch.no_grad()
+    def update(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add one uint8 video batch; returns (x, x_hat) in [-1, 1], (B, C, T, H, W)."""
+        x = to_model_input(batch["video"], self.device)
+        mask = frame_mask(batch["num_frames"], x.shape[2]) if "num_frames" in batch else None
+        before = [q.usage.counts.clone() for q in self.quantizers]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.autocast or torch.autocast(self.device.type, enabled=False):
+                x_hat, q = self.model(x if self.video else fold_frames(x))
+        finally:
+            self.model.train(was_training)
+        x_hat = x_hat.float()
+        if not self.video:  # back to clips so metrics break down per frame count
+            x_hat = unfold_frames(x_hat, x.shape[2])
+        deltas = [q.usage.counts - b for q, b in zip(self.quantizers, before)]
+        for h, d in zip(self.hists, deltas):
+            h += d.to(h.device)
+        positions, bits = token_budget(self.quantizers, q.z_q) if self.quantizers else (None, None)
+        self.metrics.update(
+            x_hat, x, frame_mask=mask if x.shape[2] > 1 else None,
+            code_hist=deltas[0] if deltas else None, num_tokens=positions, bits_per_token=bits,
+        )  # fmt: skip
+        return x, x_hat
+
+    def state(self) -> dict[str, np.ndarray]:
+        out = {f"m.{k}": v.cpu().numpy() for k, v in self.metrics.state_dict().items()}
+        out.update({f"hist{i}": h.cpu().numpy() for i, h in enumerate(self.hists)})
+        return out
+
+    def merge(self, state: dict[str, np.ndarray]) -> None:
+        self.metrics.merge({k[2:]: torch.from_numpy(v) for k, v in state.items()
+                            if k.startswith("m.")})  # fmt: skip
+        for i, h in enumerate(self.hists):
+            h += torch.from_numpy(state[f"hist{i}"]).to(h)
+
+    def compute(self) -> dict[str, float]:
+        metrics = {f"eval/{k}": v for k, v in self.metrics.compute().items() if v is not None}
+        for idx, h in enumerate(self.hists):
+            name = "quantizer" if len(self.hists) == 1 else f"quantizer{idx}"
+            metrics.update({f"eval/{name}_{k}": float(v) for k, v in CodeUsage.stats(h).items()})
+        return metrics
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -88,51 +146,27 @@ def evaluate(
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """Metrics over `batches` (uint8 video dicts), and media of the first batch: `grid` (a
     recon grid image) and, for clips of several frames, `clip` (original | recon frames)."""
-    was_training = model.training
-    model.eval()
-    quantizers = top_level_quantizers(model)
-    for q in quantizers:
-        q.reset_usage()
-    acc = ReconMetrics(metrics_config or MetricsConfig(fid=False))
+    acc = EvalAccumulator(model, device, video=video, metrics_config=metrics_config,
+                          autocast=autocast)  # fmt: skip
     media: dict[str, np.ndarray] = {}
-    try:
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            if batch["video"].shape[0] == 0:
-                continue
-            x = to_model_input(batch["video"], device)
-            mask = frame_mask(batch["num_frames"], x.shape[2]) if "num_frames" in batch else None
-            main = quantizers[0] if quantizers else None
-            before = main.usage.counts.clone() if main is not None else None
-            with autocast or torch.autocast(device.type, enabled=False):
-                x_hat, q = model(x if video else fold_frames(x))
-            x_hat = x_hat.float()
-            if not video:  # back to clips so metrics break down per frame count
-                x_hat = unfold_frames(x_hat, x.shape[2])
-            positions, bits = token_budget(quantizers, q.z_q) if quantizers else (None, None)
-            acc.update(
-                x_hat,
-                x,
-                frame_mask=mask if x.shape[2] > 1 else None,
-                code_hist=None if main is None else main.usage.counts - before,
-                num_tokens=positions,
-                bits_per_token=bits,
-            )
-            if not media:
-                media["grid"] = recon_grid(x, x_hat)
-            if "clip" not in media:  # the first clip of several real frames
-                real = batch.get("num_frames", torch.full((x.shape[0],), x.shape[2]))
-                i = int(torch.as_tensor(real).argmax())
-                if int(real[i]) > 1:
-                    media["clip"] = side_by_side_clip(x, x_hat, i, int(real[i]))
-    finally:
-        model.train(was_training)
-    metrics = {f"eval/{k}": v for k, v in acc.compute().items() if v is not None}
-    for idx, q in enumerate(quantizers):
-        name = "quantizer" if len(quantizers) == 1 else f"quantizer{idx}"
-        metrics.update({f"eval/{name}_{k}": v for k, v in q.usage_stats().items()})
-    return metrics, media
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        if batch["video"].shape[0] == 0:
+            continue
+        x, x_hat = acc.update(batch)
+        media = media or first_media(x, x_hat, batch)
+    return acc.compute(), media
+
+
+def first_media(x: torch.Tensor, x_hat: torch.Tensor, batch: dict) -> dict[str, np.ndarray]:
+    """A recon grid of the batch and, if it has clips of several frames, its longest clip."""
+    media = {"grid": recon_grid(x, x_hat)}
+    real = batch.get("num_frames", torch.full((x.shape[0],), x.shape[2]))
+    i = int(torch.as_tensor(real).argmax())
+    if int(real[i]) > 1:
+        media["clip"] = side_by_side_clip(x, x_hat, i, int(real[i]))
+    return media
 
 
 def save_png(image: np.ndarray, path: Path) -> Path:
@@ -146,73 +180,101 @@ def save_png(image: np.ndarray, path: Path) -> Path:
 # --- `vqtok eval` ------------------------------------------------------------------------
 
 
-def load_for_eval(checkpoint: Path, device: torch.device) -> tuple[nn.Module, dict]:
-    """The EMA model of a checkpoint folder, rebuilt from the config stored beside it."""
-    import yaml
-
-    from pipelines import checkpoint as ckpt
-    from vqcore.models import build_model
-
-    ckpt.check_loadable(checkpoint)
-    cfg = yaml.safe_load((checkpoint / "config.yaml").read_text())
-    model = build_model(cfg["model"])
-    state = torch.load(checkpoint / "ema.pt", map_location="cpu", weights_only=True)
-    state = {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"}
-    model.load_state_dict(state)
-    return model.to(device), cfg
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        type=Path,
-        help="a checkpoint folder (run/checkpoints/step_N) or a run folder",
-    )
+    p.add_argument("--model", "--checkpoint", dest="model", required=True,
+                   help="runs:/<id>/model, models:/<name>/<version>, a run, checkpoint "
+                   "(run/checkpoints/step_N) or exported model folder")  # fmt: skip
     p.add_argument("--data", nargs="+", required=True, help="shards: files, folders or globs")
-    p.add_argument("--out", type=Path, default=None, help="default: <checkpoint>/eval")
-    p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None, help="default: <run or model folder>/eval")
+    p.add_argument("--actors", type=int, default=None,
+                   help="model actors of a Ray Data pipeline; 0: this process; default: 2 "
+                   "when there are more than 4 shards or RAY_ADDRESS is set, else 0")  # fmt: skip
+    p.add_argument("--gpu", action="store_true", help="one GPU per actor, bf16")
+    p.add_argument("--max-batches", type=int, default=None, help="in-process eval only")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: "
+                   "MLFLOW_TRACKING_URI, else a SQLite store in --out)")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="data.key=value overrides (e.g. data.batch_size=2)")
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    from pipelines import checkpoint as ckpt
+def evaluate_sharded(loaded, shards: list[str], overrides: list[str] = (), actors: int = 2,
+                     use_gpu: bool = False) -> tuple[dict, dict]:  # fmt: skip
+    """Exact metrics over every sample of `shards`: per-batch states from the Ray Data
+    actors (or this process, `actors=0`), merged here; media from the first batch."""
+    import itertools
 
-    if (path / "train_state.json").is_file():
-        return path
-    found = ckpt.latest(path)  # a run folder: its newest complete checkpoint
-    if found is None:
-        raise SystemExit(f"vqtok eval: {path} is neither a checkpoint nor a run folder with one")
-    return found
+    from pipelines.batch_infer import infer, inference_data, plain_rows, unpack
+    from pipelines.data import iter_batches
+
+    cfg = inference_data(loaded, shards, list(overrides))
+    device = torch.device("cpu")
+    acc = EvalAccumulator(loaded.model, device, video=loaded.video)
+    rows = (plain_rows(loaded, list(shards), cfg, "eval") if actors == 0
+            else infer(loaded, list(shards), cfg, "eval", actors=actors, use_gpu=use_gpu))  # fmt: skip
+    samples, skipped = 0, {}
+    for row in rows:
+        if row["payload"]:
+            acc.merge(unpack(row["payload"]))
+        samples += len(row["keys"])
+        for k, v in row["skipped"].items():
+            skipped[k] = skipped.get(k, 0) + v
+    metrics = acc.compute()
+    metrics.update({"eval/samples": samples, "eval/skipped": sum(skipped.values())})
+    _, media = evaluate(loaded.model, itertools.islice(iter_batches(cfg), 1), device,
+                        video=loaded.video)  # fmt: skip
+    return metrics, media
 
 
 def run(args: argparse.Namespace) -> int:
-    import yaml
+    import os
 
-    from pipelines.config import from_dict
-    from pipelines.data import DataConfig, iter_batches
+    from pipelines.model_store import load_model
+    from pipelines.tracking import Tracker
 
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg = load_for_eval(checkpoint, device)
-    data = dict(cfg.get("data", {}), shards=list(args.data))
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        if not key.startswith("data."):
-            raise SystemExit(f"vqtok eval: only data.* overrides are taken, got {key!r}")
-        data[key.removeprefix("data.")] = yaml.safe_load(value)
-    data_cfg = from_dict(DataConfig, data, "data")
-    metrics, media = evaluate(
-        model, iter_batches(data_cfg, epoch=0), device,
-        video=cfg["model"].get("type") == "pvqvae", max_batches=args.max_batches,
-    )  # fmt: skip
-    out = args.out or checkpoint / "eval"
+    loaded = load_model(args.model)
+    actors = args.actors
+    if actors is None:
+        from pipelines.tars import list_shards
+
+        many = len(list_shards(args.data)) > 4 or bool(os.environ.get("RAY_ADDRESS"))
+        actors = 2 if many else 0
+    if actors:
+        from pipelines.train import init_ray
+
+        init_ray()
+    if actors == 0 and args.max_batches is not None:
+        from pipelines.batch_infer import inference_data
+        from pipelines.data import iter_batches
+
+        cfg = inference_data(loaded, args.data, args.overrides)
+        metrics, media = evaluate(loaded.model, iter_batches(cfg), torch.device("cpu"),
+                                  video=loaded.video, max_batches=args.max_batches)  # fmt: skip
+    else:
+        metrics, media = evaluate_sharded(loaded, args.data, args.overrides, actors, args.gpu)
+    source = Path(str(loaded.identity.get("source", "")))
+    out = args.out or (source / "eval" if source.is_dir() else Path("eval"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if "grid" in media:
         save_png(media["grid"], out / "recon.png")
     if "clip" in media:
         save_mp4(media["clip"], out / "recon.mp4")
+    tags = {"vqtok.kind": "eval", **{f"vqtok.model.{k}": v for k, v in loaded.identity.items()}}
+    with Tracker(out, args.tracking_uri, experiment="vqtok-eval") as tracker:
+        tracker.start(f"eval-{source.name or 'model'}", params={"data": list(args.data),
+                      "overrides": list(args.overrides), "actors": actors}, tags=tags)  # fmt: skip
+        tracker.log_metrics(metrics, step=0)
+        tracker.log_dict(metrics, "eval/metrics.json")
+        if "grid" in media:
+            tracker.log_image(media["grid"], "recon", step=0)
     print(json.dumps(metrics, indent=1))
-    print(f"[vqtok] eval results in {out}")
+    print(f"[vqtok] eval results in {out} (MLflow run {tracker.run_id})")
     return 0
+
+
+def load_for_eval(path: Path, device: torch.device) -> tuple[nn.Module, dict]:
+    """The EMA model of a run, checkpoint or model folder and its config sections (`model`,
+    and `data` when known); see `pipelines.model_store.load_model` for every source."""
+    from pipelines.model_store import load_model
+
+    loaded = load_model(path)
+    return loaded.model.to(device), {"model": loaded.config, "data": loaded.data or {}}

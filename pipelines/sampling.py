@@ -73,19 +73,20 @@ def draw_spec(
     return BatchSpec(h, w, t, batch_size_for(h, w, t, max_batch, budget))
 
 
-def frame_window(rng: np.random.Generator, total: int, num_frames: int, stride: int = 1):
-    """Frame indices of a clip: random start, `stride` apart, at most `num_frames` long.
+def frame_window(rng: np.random.Generator | None, total: int, num_frames: int, stride: int = 1):
+    """Frame indices of a clip: random start (the first frame when `rng` is None), `stride`
+    apart, at most `num_frames` long.
 
     A clip shorter than the window starts at 0 and keeps every frame it has (the caller
     zero-pads; the number of real frames is `len(result)`).
     """
     span = (num_frames - 1) * stride + 1
-    start = int(rng.integers(total - span + 1)) if total >= span else 0
+    start = int(rng.integers(total - span + 1)) if total >= span and rng is not None else 0
     return np.arange(start, min(total, start + span), stride, dtype=np.int64)[:num_frames]
 
 
 def crop_box(
-    rng: np.random.Generator,
+    rng: np.random.Generator | None,
     src_hw: tuple[int, int],
     out_hw: tuple[int, int],
     scale: tuple[float, float] = (1.0, 1.0),
@@ -93,11 +94,14 @@ def crop_box(
     """Random-resized crop `(top, left, h, w)` in source pixels with the target's aspect.
 
     The crop is the largest box of aspect `W/H` that fits the source, shrunk to an area
-    fraction drawn uniformly from `scale`, at a uniformly random position.
+    fraction drawn uniformly from `scale`, at a uniformly random position. Without `rng`:
+    the whole largest box, centred (tokenize, eval).
     """
     h0, w0 = src_hw
     aspect = out_hw[1] / out_hw[0]
     bh, bw = (h0, h0 * aspect) if w0 / h0 > aspect else (w0 / aspect, w0)
+    if rng is None:
+        return (h0 - bh) / 2, (w0 - bw) / 2, bh, bw
     s = math.sqrt(rng.uniform(*scale)) if scale[0] < scale[1] else math.sqrt(scale[0])
     bh, bw = bh * s, bw * s
     top, left = rng.uniform(0, h0 - bh), rng.uniform(0, w0 - bw)

@@ -8,7 +8,7 @@ import pytest
 from pipelines.cli import VERBS, build_parser
 
 EXPECTED = {"demo", "demo-data", "shards", "inspect", "train", "eval", "tune", "quantizers",
-            "cluster", "ablate"}  # fmt: skip
+            "cluster", "ablate", "tokenize", "detokenize"}  # fmt: skip
 
 
 def test_verbs_are_pinned():
