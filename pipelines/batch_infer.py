@@ -179,6 +179,13 @@ def eval_batch(model, video_u8, num_frames, device, video: bool) -> dict[str, np
 # ---------------------------------------------------------------- the pipelines
 
 
+def cluster_has_gpus() -> bool:
+    """Whether the connected Ray cluster offers GPUs (actors then take one each)."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
 def inference_data(loaded, shards: list[str], overrides: list[str]) -> DataConfig:
     """The decode settings of tokenize/eval: the model's training data section (when known)
     <- `data.key=value` overrides, then one resolution and one frame count (the first of

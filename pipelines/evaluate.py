@@ -189,7 +189,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actors", type=int, default=None,
                    help="model actors of a Ray Data pipeline; 0: this process; default: 2 "
                    "when there are more than 4 shards or RAY_ADDRESS is set, else 0")  # fmt: skip
-    p.add_argument("--gpu", action="store_true", help="one GPU per actor, bf16")
+    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="one GPU per actor, bf16 (default: when the Ray cluster has GPUs)")  # fmt: skip
     p.add_argument("--max-batches", type=int, default=None, help="in-process eval only")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: "
                    "MLFLOW_TRACKING_URI, else a SQLite store in --out)")  # fmt: skip
@@ -237,10 +238,13 @@ def run(args: argparse.Namespace) -> int:
 
         many = len(list_shards(args.data)) > 4 or bool(os.environ.get("RAY_ADDRESS"))
         actors = 2 if many else 0
+    gpu = False
     if actors:
+        from pipelines.batch_infer import cluster_has_gpus
         from pipelines.train import init_ray
 
         init_ray()
+        gpu = cluster_has_gpus() if args.gpu is None else args.gpu
     if actors == 0 and args.max_batches is not None:
         from pipelines.batch_infer import inference_data
         from pipelines.data import iter_batches
@@ -249,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
         metrics, media = evaluate(loaded.model, iter_batches(cfg), torch.device("cpu"),
                                   video=loaded.video, max_batches=args.max_batches)  # fmt: skip
     else:
-        metrics, media = evaluate_sharded(loaded, args.data, args.overrides, actors, args.gpu)
+        metrics, media = evaluate_sharded(loaded, args.data, args.overrides, actors, gpu)
     source = Path(str(loaded.identity.get("source", "")))
     out = args.out or (source / "eval" if source.is_dir() else Path("eval"))
     out.mkdir(parents=True, exist_ok=True)

@@ -249,7 +249,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=Path, help="detokenize: a token folder")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--actors", type=int, default=2, help="model actors (0: no Ray)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per actor, bf16")
+    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="one GPU per actor, bf16 (default: when the Ray cluster has GPUs)")  # fmt: skip
     p.add_argument("--max-samples", type=int, default=None, help="detokenize: at most N")
     p.add_argument(
         "overrides", nargs="*", help="data.key=value (e.g. data.resolutions=[[256,256]])"
@@ -267,11 +268,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.model or not args.data:
         raise SystemExit("vqtok tokenize: --model and --data are required")
     loaded = load_model(args.model)
+    gpu = False
     if args.actors:
+        from pipelines.batch_infer import cluster_has_gpus
         from pipelines.train import init_ray
 
         init_ray()
-    manifest = tokenize(loaded, args.data, args.out, args.overrides, args.actors, args.gpu)
+        gpu = cluster_has_gpus() if args.gpu is None else args.gpu
+    manifest = tokenize(loaded, args.data, args.out, args.overrides, args.actors, gpu)
     print(json.dumps({"totals": manifest["totals"], "this_run": manifest["this_run"]}, indent=1))
     print(f"[vqtok] token shards and manifest in {args.out}")
     return 0

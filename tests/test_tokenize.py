@@ -160,3 +160,39 @@ def test_distributed_eval_equals_single_process(shards, logged, ray_local):
         assert two[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
         assert one[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
     assert "grid" in media
+
+
+def test_killed_tokenize_loses_only_unfinished_shards(shards, logged, tmp_path):
+    """SIGKILL a real `vqtok tokenize` once it has written a shard: every tar left is whole,
+    and a rerun finishes with exactly the tokens of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "tokens"
+    cmd = [sys.executable, "-m", "pipelines.cli", "tokenize", "--model", str(logged["dir"]),
+           "--data", *shards, "--out", str(out), "--actors", "0", *DATA]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("*.tar")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    written = sorted(out.glob("*.tar"))
+    assert 1 <= len(written) and not (out / "manifest.json").exists()
+    for tar in written:  # whole: its stats count every sample in it
+        stats = json.loads((tar.parent / f"{tar.name}.stats.json").read_text())
+        assert sum(1 for _ in iter_token_samples(tar)) == stats["samples"]
+    loaded = load_model(logged["dir"])
+    again = tokenize(loaded, shards, out, DATA, actors=0)
+    assert again["this_run"]["shards_written"] == len(shards) - len(written)
+    fresh = tokenize(loaded, shards, tmp_path / "fresh", DATA, actors=0)
+    assert again["totals"] == fresh["totals"]
+    for tar in sorted((tmp_path / "fresh").glob("*.tar")):
+        ours = dict((i["key"], c) for i, c in iter_token_samples(out / tar.name))
+        for info, codes in iter_token_samples(tar):
+            assert all(np.array_equal(codes[k], ours[info["key"]][k]) for k in codes)
