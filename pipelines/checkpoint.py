@@ -6,17 +6,29 @@
                               and `n_averaged`), rank 0, `weights_only` loadable
         train_state.json      step, samples seen, data epoch, seeds, skipped-sample counts
         config.yaml           the resolved run config
-        COMPLETE              written last: a folder without it is an interrupted write
+        manifest/rank_R.json  size and sha256 of every file rank R wrote (its last file)
+        COMPLETE              rank 0's last file: {"world_size": W}
 
-Every rank writes its own engine shards into the same staging folder; rank 0 writes the rest.
-Under Ray Train the staged folder is handed to `ray.train.report` (Ray uploads and keeps the
-last k); in a plain process it is renamed into place here.
+Every rank writes its own engine shards into a staging folder of its own, then its manifest;
+rank 0 writes the rest. Under Ray Train each rank's folder is handed to `ray.train.report`,
+which copies them into one `step_N` (in no particular order, file by file) and keeps the last
+k; in a plain process the folder is renamed into place here.
+
+A folder counts as a checkpoint only when COMPLETE is there, every rank's manifest is there
+and every file they list has its recorded size (`is_complete`, stat calls only): a writer
+killed half way, on any rank, leaves a folder that `latest` passes over. Loading checks
+the sha256 of every file first (`check_loadable`), so a corrupted file is a `CheckpointError`
+naming it, never a partial load. Folders from before manifests (COMPLETE reads "ok") are
+checked by their marker only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +36,7 @@ from typing import Any
 import torch
 
 COMPLETE = "COMPLETE"
+MANIFESTS = "manifest"
 
 
 class CheckpointError(RuntimeError):
@@ -38,7 +51,10 @@ class TrainState:
     epoch: int = 0  # data passes started
     seed: int = 42
     skipped: dict[str, int] = field(default_factory=dict)  # data samples skipped, by reason
-    nonfinite_steps: int = 0
+    nonfinite_steps: int = 0  # micro-steps skipped for a non-finite loss, in all
+    nonfinite_streak: int = 0  # ... in a row, up to now
+    batches_in_epoch: int = 0  # batches of `epoch` consumed: a resume skips as many
+    last_keys: list[str] = field(default_factory=list)  # rank 0's last batch (resume check)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -57,15 +73,104 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 def is_complete(path: Path) -> bool:
-    return (path / COMPLETE).is_file()
+    """COMPLETE, every rank's manifest and every listed file at its recorded size."""
+    try:
+        _listed_files(path)
+    except CheckpointError:
+        return False
+    return True
 
 
 def latest(root: Path) -> Path | None:
-    """Newest complete checkpoint folder under root (interrupted writes are ignored)."""
+    """Newest complete checkpoint folder under root. Newer folders that are not complete
+    (an interrupted write, a truncated file) are passed over, each with a warning naming
+    what is wrong."""
     if not root.is_dir():
         return None
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and is_complete(p))
-    return done[-1] if done else None
+    for p in sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True):
+        try:
+            _listed_files(p)
+        except CheckpointError as exc:
+            print(f"[vqtok] passing over {p.name}: {exc}", file=sys.stderr)
+            continue
+        return p
+    return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(path: Path, rank: int) -> Path:
+    """Record size and sha256 of every file in this rank's staging folder (call after the
+    rank wrote all of them; rank 0 then calls `mark_complete`)."""
+    files = {}
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path).as_posix()
+        if rel == COMPLETE or rel.startswith(f"{MANIFESTS}/"):
+            continue
+        files[rel] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    out = path / MANIFESTS / f"rank_{rank:05d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"rank": rank, "files": files}, indent=1))
+    tmp.replace(out)
+    return out
+
+
+def _listed_files(path: Path) -> dict[str, dict] | None:
+    """Every file the manifests list, checked by size; None for a folder from before
+    manifests. Raises CheckpointError naming the first missing or short file."""
+    marker = path / COMPLETE
+    if not marker.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete: no {COMPLETE} marker (an interrupted write)"
+        )
+    text = marker.read_text().strip()
+    if text == "ok":
+        return None  # written before manifests existed
+    try:
+        world = int(json.loads(text)["world_size"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"unreadable marker {marker}: {text[:80]!r}") from exc
+    files: dict[str, dict] = {}
+    for rank in range(world):
+        m = path / MANIFESTS / f"rank_{rank:05d}.json"
+        try:
+            files.update(json.loads(m.read_text())["files"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(
+                f"checkpoint {path} is incomplete: manifest {m} of rank {rank} of {world} "
+                f"is missing or unreadable ({type(exc).__name__})"
+            ) from exc
+    for rel, meta in files.items():
+        f = path / rel
+        try:
+            size = f.stat().st_size
+        except OSError:
+            raise CheckpointError(f"checkpoint file missing: {f}") from None
+        if size != meta["size"]:
+            raise CheckpointError(
+                f"checkpoint file {f} has {size} bytes, its manifest says {meta['size']} "
+                "(truncated or overwritten)"
+            )
+    return files
+
+
+def verify(path: Path) -> None:
+    """Sizes and sha256 of every file against the manifests; CheckpointError naming the
+    first file that differs. Reads the whole checkpoint once."""
+    files = _listed_files(path)
+    for rel, meta in (files or {}).items():
+        f = path / rel
+        if _sha256(f) != meta["sha256"]:
+            raise CheckpointError(
+                f"checkpoint file {f} is corrupted: its sha256 differs from the manifest"
+            )
 
 
 def write_rank0_files(path: Path, state: TrainState, ema: torch.nn.Module | None, config: dict):
@@ -78,18 +183,31 @@ def write_rank0_files(path: Path, state: TrainState, ema: torch.nn.Module | None
     (path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def mark_complete(path: Path) -> None:
-    (path / COMPLETE).write_text("ok\n")
+def mark_complete(path: Path, world_size: int = 1) -> None:
+    """Rank 0's last file; the other ranks' manifests may still be on their way (Ray)."""
+    (path / COMPLETE).write_text(json.dumps({"world_size": world_size}) + "\n")
 
 
 def publish(staging: Path, root: Path, keep_last: int) -> Path:
-    """Move a finished staging folder to root/step_N atomically, drop all but the last k."""
-    mark_complete(staging)
+    """Move a finished staging folder (manifest and marker written) to root/step_N
+    atomically, drop all but the last k. A staging folder on another filesystem is copied
+    beside the target first, then renamed."""
+    if not (staging / COMPLETE).is_file():
+        write_manifest(staging, 0)
+        mark_complete(staging)
     final = root / staging.name
     root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{staging.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        os.rename(staging, tmp)
+    except OSError:  # another filesystem (EXDEV): copy, then rename
+        shutil.copytree(staging, tmp)
+        shutil.rmtree(staging, ignore_errors=True)
     if final.exists():
         shutil.rmtree(final)
-    staging.replace(final)  # same filesystem: an atomic rename
+    tmp.replace(final)  # same folder: an atomic rename
     done = sorted(p for p in root.glob("step_*") if is_complete(p))
     for old in done[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
@@ -110,10 +228,12 @@ def load_ema(path: Path, ema: torch.nn.Module) -> None:
 
 
 def check_loadable(path: Path) -> dict[str, Any]:
-    """Fail with a clear error naming the file if a checkpoint folder is incomplete."""
+    """Fail with a clear error naming the file if a checkpoint folder is incomplete or any
+    file differs from its manifest (size, sha256); returns {"state": TrainState}."""
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {path}")
     for name in ("train_state.json", "config.yaml"):
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+    verify(path)
     return {"state": TrainState.from_file(path / "train_state.json")}

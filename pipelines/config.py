@@ -66,9 +66,18 @@ class TrainConfig:
     eval_batches: int = 4
     eval_shards: tuple[str, ...] = ()  # validation shards; empty = the training shards
     image_every: int = 0  # reconstruction grid to MLflow every N steps; 0 = with eval
+    # non-finite losses in a row (each skipped) that stop the run, with a checkpoint of the
+    # weights from before the first; 0 = never stop
+    max_nonfinite_steps: int = 20
 
     def validate(self) -> None:
         _check(self.steps >= 1, "train.steps", self.steps, ">= 1")
+        _check(
+            self.max_nonfinite_steps >= 0,
+            "train.max_nonfinite_steps",
+            self.max_nonfinite_steps,
+            ">= 0 (0 = never stop)",
+        )
         _check(
             self.precision in ("auto", "fp32", "bf16"),
             "train.precision",
@@ -86,10 +95,11 @@ class ScalingConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # < 1 on small machines, or Ray Data starves (RUNTIME.md)
-    max_failures: int = 2  # worker-group restarts from the latest checkpoint
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint; -1 = no limit
 
     def validate(self) -> None:
         _check(self.num_workers >= 1, "scaling.num_workers", self.num_workers, ">= 1")
+        _check(self.max_failures >= -1, "scaling.max_failures", self.max_failures, ">= -1")
         _check(self.cpus_per_worker > 0, "scaling.cpus_per_worker", self.cpus_per_worker, "> 0")
 
 

@@ -5,6 +5,15 @@
 
 The same function runs under Ray Train (`pipelines.train`, one call per worker) and in one
 process (`vqtok train --local`, `LocalSession` below): the session is the only difference.
+
+Resuming is exact: the RNGs are reseeded before every micro-step from (seed, rank,
+micro-step), and a resume reads and drops the batches of the current epoch the checkpoint
+had already consumed (`TrainState.batches_in_epoch`; the batch order is a function of seed
+and epoch), so a restarted run sees the batches and random draws an uninterrupted one would.
+
+Non-finite losses skip the step on every rank (`objectives`), are counted
+(`train/nonfinite_steps`) and, after `train.max_nonfinite_steps` in a row, stop the run with
+`NonFiniteLossError` and a checkpoint of the weights from before the first of them.
 """
 
 from __future__ import annotations
@@ -32,6 +41,10 @@ from pipelines.objectives import build_objective
 from pipelines.parallel import autocast, gathered, init_single_process_group, setup_accelerator
 
 
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row; the message names the steps and the checkpoint."""
+
+
 class Session(Protocol):
     """What the loop needs from its host (Ray Train, or a plain process)."""
 
@@ -54,6 +67,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def micro_step_seed(seed: int, rank: int, micro_step: int) -> int:
+    """The RNG seed of one micro-step on one rank: ranks draw differently, and a resumed run
+    draws what an uninterrupted one would (no RNG state to save per rank)."""
+    return int(np.random.SeedSequence([seed, rank, micro_step]).generate_state(1)[0])
+
+
 def _all_ranks(flag: bool) -> bool:
     """True only if `flag` holds on every rank (a MIN all-reduce; identity in one process)."""
     import torch.distributed as dist
@@ -69,7 +88,12 @@ def _all_ranks(flag: bool) -> bool:
 def _batches_forever(session: Session, state: ckpt.TrainState) -> Iterator[dict]:
     """Batches epoch after epoch, in lockstep over ranks: when any rank's shard runs out
     (shards may differ by a batch: skipped samples, uneven splits), every rank ends the
-    epoch together, so no rank waits in a collective for a rank that is between epochs."""
+    epoch together, so no rank waits in a collective for a rank that is between epochs.
+
+    After a resume the first `state.batches_in_epoch` batches of the epoch are read and
+    dropped (decoding them is the cost of an exact resume); rank 0 checks that the last
+    dropped one is the checkpoint's last batch and says so if not."""
+    skip, expected = state.batches_in_epoch, list(state.last_keys)
     while True:
         stream, got_any = iter(session.batches(state.epoch)), False
         while True:
@@ -77,8 +101,28 @@ def _batches_forever(session: Session, state: ckpt.TrainState) -> Iterator[dict]
             if not _all_ranks(batch is not None):
                 break
             got_any = True
+            if skip:
+                skip -= 1
+                if not skip and session.rank == 0 and expected and batch["keys"] != expected:
+                    print(
+                        f"[vqtok] warning: the resumed data position differs from the "
+                        f"checkpoint's (epoch {state.epoch}, batch {state.batches_in_epoch}): "
+                        "the run goes on, but not as an uninterrupted one would",
+                        file=sys.stderr,
+                    )
+                continue
+            state.batches_in_epoch += 1
+            state.last_keys = batch["keys"]
             yield batch
+        if skip:
+            print(
+                f"[vqtok] warning: epoch {state.epoch} ended {skip} batches before the "
+                "checkpoint's position",
+                file=sys.stderr,
+            )
+            skip = 0
         state.epoch += 1
+        state.batches_in_epoch = 0
         if not _all_ranks(got_any):
             raise RuntimeError(
                 "the training data yielded no usable sample in a whole epoch "
@@ -104,8 +148,7 @@ def train_loop(cfg: Config, session: Session) -> dict[str, float]:
         ckpt.load_ema(restore, ema)
         if session.rank == 0:
             print(f"[vqtok] resumed from {restore} at step {state.step}", flush=True)
-    # every rank draws different augmentations, but reproducibly across a resume
-    seed_everything(cfg.train.seed + 1000 * session.rank + state.step)
+    saved_step = state.step if restore is not None else None  # no second folder of a step
 
     log_every, t0, seen0 = cfg.train.log_every, time.perf_counter(), state.samples_seen
     tokens0 = 0
@@ -115,13 +158,23 @@ def train_loop(cfg: Config, session: Session) -> dict[str, float]:
     for batch in _batches_forever(session, state):
         if state.step >= cfg.train.steps:
             break
+        # every rank draws differently, and a resumed run as an uninterrupted one would
+        seed_everything(micro_step_seed(cfg.train.seed, session.rank, state.micro_step))
         x = to_model_input(batch["video"], device)
         terms, stepped = objective.micro_step(x, state.step, batch.get("num_frames"))
         state.micro_step += 1
         state.samples_seen += x.shape[0] * session.world_size
-        if terms is None:
+        if terms is None:  # skipped on every rank; the weights are as they were
             state.nonfinite_steps += 1
+            state.nonfinite_streak += 1
+            if state.nonfinite_streak == 1 and session.rank == 0:
+                _say(f"non-finite loss at micro-step {state.micro_step - 1} (after step "
+                     f"{state.step}): skipped, {state.nonfinite_steps} so far")  # fmt: skip
+            limit = cfg.train.max_nonfinite_steps
+            if limit and state.nonfinite_streak >= limit:
+                stop_nonfinite(cfg, session, objective, ema, state, metrics, saved_step)
             continue
+        state.nonfinite_streak = 0
         for k, v in terms.items():
             window[k] += float(v)
         window["_n"] += 1
@@ -146,6 +199,7 @@ def train_loop(cfg: Config, session: Session) -> dict[str, float]:
                     / elapsed,
                     "train/epoch": state.epoch,
                     "train/nonfinite_steps": state.nonfinite_steps,
+                    "train/nonfinite_disc_steps": objective.nonfinite_disc,
                     **objective.quantizer_metrics(),
                     **session.data_metrics(),
                 }
@@ -154,12 +208,13 @@ def train_loop(cfg: Config, session: Session) -> dict[str, float]:
                 per_step = (time.perf_counter() - run_start) / max(1, state.step - first_step)
                 _progress(state.step, cfg.train.steps, metrics, per_step)
             t0, seen0, tokens0 = time.perf_counter(), state.samples_seen, objective.tokens
+        path = None
+        if state.step % cfg.train.ckpt_every == 0 or last:  # before eval: an eval that fails
+            path = save_checkpoint(cfg, session, objective, ema, state)  # cannot lose it
+            saved_step = state.step
         evaluate_now = last or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0)
         if evaluate_now and session.rank == 0:
             metrics.update(run_eval(cfg, session, ema.module, objective, device, state.step))
-        path = None
-        if state.step % cfg.train.ckpt_every == 0 or last:
-            path = save_checkpoint(cfg, session, objective, ema, state)
         if metrics and (state.step % log_every == 0 or path is not None or evaluate_now):
             session.report({**metrics, "step": state.step}, path)
     if session.rank == 0 and state.step >= cfg.train.steps:
@@ -167,8 +222,36 @@ def train_loop(cfg: Config, session: Session) -> dict[str, float]:
     return metrics
 
 
+def stop_nonfinite(cfg, session, objective, ema, state, metrics, saved_step) -> None:
+    """`train.max_nonfinite_steps` bad micro-steps in a row: checkpoint the weights of the
+    last good step (unchanged since, as every bad step was skipped) unless that step has a
+    checkpoint already, report, and raise. Every rank gets here at the same micro-step (the
+    finiteness check is all-reduced), so the checkpoint is a collective one."""
+    n, first = state.nonfinite_streak, state.micro_step - state.nonfinite_streak
+    path = None
+    if saved_step != state.step:
+        path = save_checkpoint(cfg, session, objective, ema, state)
+    where = ckpt.step_dir(cfg.run.run_dir, state.step)
+    session.report(
+        {**metrics, "step": state.step, "train/nonfinite_steps": state.nonfinite_steps,
+         "train/stopped_nonfinite": n, "train/first_nonfinite_micro_step": first},
+        path,
+    )  # fmt: skip
+    raise NonFiniteLossError(nonfinite_message(n, first, state.step, where))
+
+
+def nonfinite_message(n: int, first_micro: int, step: int, where: Path) -> str:
+    return (
+        f"training stopped: {n} non-finite losses in a row (micro-steps {first_micro} to "
+        f"{first_micro + n - 1}, after optimiser step {step}; train.max_nonfinite_steps={n}). "
+        f"Every one was skipped: {where} holds the weights of step {step}, from before the "
+        "first of them. Lower optim.lr or check the data, then resume."
+    )
+
+
 def save_checkpoint(cfg: Config, session: Session, objective, ema, state) -> Path:
-    """Every rank writes its engine shards into one staging folder; rank 0 the rest."""
+    """Every rank writes its engine shards into a staging folder and then its manifest;
+    rank 0 also the EMA, train state, config and codebooks, and COMPLETE last."""
     staging = Path(tempfile.mkdtemp(prefix="vqtok-ckpt-")) / ckpt.step_dir(Path(), state.step).name
     staging.mkdir(parents=True)
     objective.save(staging)
@@ -176,7 +259,9 @@ def save_checkpoint(cfg: Config, session: Session, objective, ema, state) -> Pat
         ckpt.write_rank0_files(staging, state, ema, cfg.to_dict())
         for i, q in enumerate(top_level_quantizers(ema.module)):
             q.export_codebook(staging / "codebooks" / f"quantizer{i}")
-        ckpt.mark_complete(staging)
+    ckpt.write_manifest(staging, session.rank)
+    if session.rank == 0:
+        ckpt.mark_complete(staging, session.world_size)
     return staging
 
 
@@ -192,6 +277,10 @@ def run_eval(cfg: Config, session: Session, model, objective, device, step: int)
     if "grid" in media:
         session.log_image(media["grid"], step)
     return metrics
+
+
+def _say(text: str) -> None:
+    os.write(sys.stderr.fileno(), f"[vqtok] {text}\n".encode())
 
 
 def _progress(step: int, total: int, m: dict, seconds_per_step: float) -> None:

@@ -8,6 +8,14 @@
   engine per half so Adam's moments of the frozen half never move it.
 
 An objective owns its engines: `micro_step`, `save`/`load` of their state, `lr`.
+
+A non-finite loss (on any rank: the check is all-reduced) skips the step on every rank and
+leaves every weight as it was: no backward, no optimiser step, and the state a forward
+changes in place (EMA codebooks, CVQ re-anchored codes, usage counters, LeCam statistics) is
+put back from a copy taken before the forward (`StateGuard`; quantizer parameters and all
+buffers: small next to the model). Non-finite latents are caught before they reach a
+quantizer (which rejects them, and whose collectives other ranks would be waiting in): a
+pre-hook all-reduces their finiteness, so every rank skips the step together.
 """
 
 from __future__ import annotations
@@ -32,6 +40,47 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
+class NonFiniteLatents(Exception):
+    """Raised on every rank together by the quantizers' pre-hook; ends the micro-step."""
+
+
+def _finite_latents(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a top-level quantizer in training: if its input is not finite on
+    some rank, raise on all of them (eval runs on rank 0 alone: no collective there)."""
+    if module.training and args and isinstance(args[0], torch.Tensor):
+        if not _all_finite(args[0]):
+            raise NonFiniteLatents(type(module).__name__)
+
+
+class StateGuard:
+    """A copy of what a forward may change in place: every buffer of `modules` and the
+    parameters of their quantizers (codebooks). `save()` before the forward, `restore()`
+    when the step is skipped. The copies are allocated once and refilled."""
+
+    def __init__(self, *modules: nn.Module | None):
+        tensors: dict[int, torch.Tensor] = {}
+        for m in modules:
+            if m is None:
+                continue
+            for b in m.buffers():
+                tensors[id(b)] = b
+            for q in top_level_quantizers(m):
+                for p in q.parameters():
+                    if p.numel() and not hasattr(p, "ds_id"):  # skip ZeRO-3 partitions
+                        tensors[id(p)] = p
+        self.pairs = [(t, torch.empty_like(t)) for t in tensors.values()]
+
+    @torch.no_grad()
+    def save(self) -> None:
+        for t, copy in self.pairs:
+            copy.copy_(t)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for t, copy in self.pairs:
+            t.copy_(copy)
+
+
 class Objective:
     model: nn.Module
     engines: dict
@@ -48,10 +97,20 @@ class Objective:
             apply_activation_checkpointing(self.model, (ResBlock,))
         self.micro = 0
         self.tokens = 0  # latent positions quantized on this rank
+        self.nonfinite_disc = 0  # discriminator steps skipped for a non-finite loss
+        self._guards: dict[str, StateGuard] = {}
+
+    def guard(self, name: str, *modules: nn.Module | None) -> StateGuard:
+        if name not in self._guards:
+            self._guards[name] = StateGuard(*modules)
+        return self._guards[name]
 
     def init_engines(self) -> None:
         """Wrap the model in its DeepSpeed engines. Called after anything that must copy the
-        full model (the EMA): under ZeRO-3 the engines partition its parameters."""
+        full model (the EMA): under ZeRO-3 the engines partition its parameters. The EMA copy
+        is made before the finiteness hooks too, so evaluation has none."""
+        for q in top_level_quantizers(self.model):
+            q.register_forward_pre_hook(_finite_latents)
         self.engines = self._engines()
 
     def _engines(self) -> dict:  # pragma: no cover - abstract
@@ -72,8 +131,9 @@ class Objective:
             try:
                 path, _ = engine.load_checkpoint(str(directory), tag=name)
             except Exception as exc:  # DeepSpeed raises assorted types on corrupt files
+                bad = _first_unreadable(directory / name)
                 raise CheckpointError(
-                    f"cannot load engine '{name}' from {directory / name}: "
+                    f"cannot load engine '{name}' from {bad or directory / name}: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
             if path is None:
@@ -128,8 +188,14 @@ class TokenizerObjective(Objective):
     def micro_step(self, x, step: int, num_frames=None):
         x = self.prepare(x)
         gen = self.engines["gen"]
-        with autocast(self.cfg, self.device):
-            x_hat, q = self.model(x)
+        guard = self.guard("gen", self.model, self.loss_fn, self.disc)
+        guard.save()
+        try:
+            with autocast(self.cfg, self.device):
+                x_hat, q = self.model(x)
+        except NonFiniteLatents:
+            guard.restore()
+            return None, False
         x_hat = x_hat.float()
         self.count_tokens(q.z_q)
         last = getattr(self.model, "last_layer", None)
@@ -139,14 +205,21 @@ class TokenizerObjective(Objective):
         terms = dict(g.terms)
         terms.update({f"quantizer/{k}": v for k, v in q.metrics.items()})
         if not _all_finite(g.total):
+            guard.restore()
             return None, False
         gen.backward(g.total)
         gen.step()
         if self.disc is not None and self.loss_fn.disc_active(step):
+            d_guard = self.guard("disc", self.loss_fn, self.disc)
+            d_guard.save()
             d = self.loss_fn.discriminator(x_hat.detach(), x, step, self.disc)
-            self.engines["disc"].backward(d.total)
-            self.engines["disc"].step()
-            terms.update(d.terms)
+            if _all_finite(d.total):
+                self.engines["disc"].backward(d.total)
+                self.engines["disc"].step()
+                terms.update(d.terms)
+            else:  # the generator step stands; D keeps its weights
+                d_guard.restore()
+                self.nonfinite_disc += 1
         return terms, self.boundary()
 
 
@@ -161,11 +234,18 @@ class HFSVQObjective(Objective):
     def micro_step(self, x, step: int, num_frames=None):
         x = self.prepare(x)
         phase = "low" if step % 2 == 0 else "high"
-        with autocast(self.cfg, self.device):
-            out = getattr(self.model, f"{phase}_loss")(x)
+        guard = self.guard("model", self.model)
+        guard.save()
+        try:
+            with autocast(self.cfg, self.device):
+                out = getattr(self.model, f"{phase}_loss")(x)
+        except NonFiniteLatents:
+            guard.restore()
+            return None, False
         loss = out.loss.float()
         self.count_tokens(out.quantized.z_q)
         if not _all_finite(loss):
+            guard.restore()
             return None, False
         engine = self.engines[phase]
         engine.backward(loss)
@@ -173,6 +253,23 @@ class HFSVQObjective(Objective):
         terms = {k: v.float() for k, v in out.metrics.items()}
         terms[f"{phase}/total"] = loss.detach()
         return terms, self.boundary()
+
+
+def _first_unreadable(folder: Path) -> Path | None:
+    """The first file of an engine's folder that is missing or not a sound torch archive
+    (a zip: `testzip` checks every member's CRC without unpickling anything)."""
+    import zipfile
+
+    if not folder.is_dir():
+        return folder
+    for f in sorted(folder.glob("*.pt")):
+        try:
+            with zipfile.ZipFile(f) as z:
+                if z.testzip() is not None:
+                    return f
+        except (OSError, zipfile.BadZipFile):
+            return f
+    return None
 
 
 def discriminator_spec(cfg: Config, video: bool) -> dict:

@@ -5,7 +5,9 @@ Ray path: `TorchTrainer` with one `pipelines.loop.train_loop` per worker (gloo o
 GPU), the Ray Data pipeline sharded over workers (`get_dataset_shard`), checkpoints reported
 with `ray.train.report` into `<run.storage>/<run.name>/step_N`, `FailureConfig` restarts from
 the latest one, and a run started again with the same name resumes (Train V2 resumes from
-`RunConfig(name, storage_path)`; `run.resume: never` makes reuse an error instead).
+`RunConfig(name, storage_path)`; `run.resume: never` makes reuse an error instead). The
+dataset is rebuilt at every (re)start of the worker group, from the data epoch of the newest
+checkpoint (`_train_dataset`), so a restarted group reads the epoch it stopped in.
 Local path (`--local`): the same loop and checkpoints, plain iterator, no Ray.
 Rank 0 logs to MLflow (`pipelines.tracking`); metrics are also kept in the run folder.
 """
@@ -13,6 +15,8 @@ Rank 0 logs to MLflow (`pipelines.tracking`); metrics are also kept in the run f
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import sys
 from dataclasses import replace
@@ -21,7 +25,7 @@ from typing import Any
 
 from pipelines import checkpoint as ckpt
 from pipelines.config import Config, ConfigError, from_dict, load_config, save_config, validate
-from pipelines.loop import train_loop
+from pipelines.loop import NonFiniteLossError, nonfinite_message, train_loop
 
 
 class RunLog:
@@ -55,16 +59,15 @@ class RunLog:
             self.tracker.log_image(image, "recon", step)
 
     def export_model(self, cfg: Config, model) -> Path:
-        """`<run>/model/`: the EMA weights and the model config, rebuilt by
-        `vqcore.models.build_model(model.yaml)` + `load_state_dict(model.pt)`; also logged as
-        the MLflow artifact `model/`."""
-        import torch
-        import yaml
+        """`<run>/model/`: the EMA weights and model config as an MLflow pyfunc model
+        (`pipelines.model_store`), logged as the run's artifact `model/` so that
+        `runs:/<id>/model` loads it (`vqtok tokenize --model runs:/<id>/model`)."""
+        from pipelines.model_store import export_model
 
-        out = cfg.run.run_dir / "model"
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "model.pt")
-        (out / "model.yaml").write_text(yaml.safe_dump(cfg.model, sort_keys=False))
+        run_id = self.tracker.run_id if self.tracker is not None else None
+        identity = {"run_id": run_id} if run_id else {}
+        out = export_model(model, cfg.model, cfg.run.run_dir / "model", identity,
+                           cfg.to_dict()["data"])  # fmt: skip
         if self.tracker is not None:
             self.tracker.log_artifact(out, "model")
         return out
@@ -98,7 +101,7 @@ class LocalSession:
     def batches(self, epoch: int):
         from pipelines.data import iter_batches
 
-        self._stream = iter_batches(self.cfg.data, epoch=epoch)
+        self._stream = iter_batches(self.cfg.data, epoch=self.cfg.data.epoch + epoch)
         return self._stream
 
     def data_metrics(self) -> dict[str, float]:
@@ -195,6 +198,11 @@ def train_worker(config: dict) -> None:
     try:
         train_loop(cfg, session)
         status = "FINISHED"
+    except NonFiniteLossError as exc:
+        # reported with its checkpoint; returning keeps Ray from restarting a run that would
+        # diverge again (every rank stops at the same micro-step); the driver raises it
+        if session.rank == 0:
+            print(f"[vqtok] {exc}", file=sys.stderr)
     finally:
         session.log.end(status)
 
@@ -296,7 +304,50 @@ def init_ray(**kwargs) -> None:
 def _fit_ray(cfg: Config) -> dict:
     init_ray()
     result = make_trainer(cfg).fit()
-    return dict(result.metrics or {})
+    metrics = dict(result.metrics or {})
+    if "train/stopped_nonfinite" in metrics:
+        step = int(metrics["step"])
+        raise NonFiniteLossError(nonfinite_message(
+            int(metrics["train/stopped_nonfinite"]), int(metrics["train/first_nonfinite_micro_step"]),
+            step, ckpt.step_dir(cfg.run.run_dir, step),
+        ))  # fmt: skip
+    return metrics
+
+
+def _train_dataset(cfg: Config):
+    """Ray Train calls this at every start of the worker group (the first, and each restart
+    after a failure): the data from the epoch of the checkpoint the group resumes from; the
+    loop then drops the batches that epoch already gave (`loop._batches_forever`)."""
+    from pipelines.data import build_dataset
+
+    epoch = 0
+    found = resume_checkpoint(cfg.run.run_dir)
+    if found is not None:
+        try:
+            epoch = ckpt.TrainState.from_file(found / "train_state.json").epoch
+        except ckpt.CheckpointError:
+            pass  # the loop's own check of the checkpoint names the file
+    return build_dataset(replace(cfg.data, epoch=cfg.data.epoch + epoch))
+
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of its checkpoints
+
+
+def resume_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint a (re)started worker group resumes from: the one Ray registered last,
+    not merely the newest folder (a worker lost after its files were copied but before Ray
+    registered the report leaves a complete folder that Ray will not restore). Ray keeps
+    that record in its snapshot file; without the file Ray restores nothing."""
+    snap = run_dir / RAY_SNAPSHOT
+    if not snap.is_file():
+        return None
+    try:
+        latest = json.loads(snap.read_text())["latest_checkpoint_result"]
+        return None if latest is None else run_dir / latest["checkpoint_dir_name"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # another Ray's format
+        print(f"[vqtok] warning: cannot read {snap} ({exc!r}); using the newest checkpoint",
+              file=sys.stderr)  # fmt: skip
+        return ckpt.latest(run_dir)
 
 
 def make_trainer(cfg: Config, callbacks: list | None = None):
@@ -309,8 +360,6 @@ def make_trainer(cfg: Config, callbacks: list | None = None):
         ScalingConfig,
     )
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipelines.data import build_dataset
 
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
@@ -330,7 +379,7 @@ def make_trainer(cfg: Config, callbacks: list | None = None):
             # line says what matters, and everything stays in the run folder and MLflow
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
-        datasets={"train": build_dataset(cfg.data)},
+        datasets={"train": functools.partial(_train_dataset, cfg)},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
     )
 
@@ -361,6 +410,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"vqtok train: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as exc:
+        print(f"vqtok train: {exc}", file=sys.stderr)
+        return 1
     print(f"[vqtok] run folder: {cfg.run.run_dir}")
     for k in sorted(metrics):
         if k.startswith(("eval/", "train/total")):

@@ -94,7 +94,7 @@ def test_pvqvae_trains_resumes_and_logs(shards, tmp_path, ray_local):
     assert any(f.startswith("recon/") and f.endswith(".png") for f in files), files
     assert any(f.endswith("codebook.json") for f in files), files
     assert any(f.startswith("eval/") and f.endswith(".json") for f in files), files
-    assert any(f.startswith("model/") and f.endswith("model.pt") for f in files), files
+    assert "model/MLmodel" in files and "model/artifacts/model.pt" in files, files
     assert any(f.endswith(".png") and "codebook" in f for f in files), files
 
 
@@ -131,7 +131,7 @@ def test_eval_cli_writes_metrics_and_grid(shards, tmp_path):
                   "loss.gan_weight=0")  # fmt: skip
     fit(cfg, local=True)
     out = tmp_path / "eval"
-    rc = main(["eval", "--checkpoint", str(cfg.run.run_dir), "--data", *shards["val"],
+    rc = main(["eval", "--model", str(cfg.run.run_dir), "--data", *shards["val"],
                "--out", str(out), "--max-batches", "2"])  # fmt: skip
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -156,7 +156,7 @@ def test_zero3_with_activation_checkpointing_resumes_and_exports(shards, tmp_pat
     fit(cfg, local=True)
     fit(_config(shards, tmp_path, "z3", "train.steps=4", *extra), local=True)
     assert [s for s, _ in _history(cfg.run.run_dir, "train/recon_l1")] == [2, 4]
-    model_dir = cfg.run.run_dir / "model"
+    model_dir = cfg.run.run_dir / "model" / "artifacts"  # an MLflow pyfunc model folder
     model = build_model(yaml.safe_load((model_dir / "model.yaml").read_text()))
     state = torch.load(model_dir / "model.pt", weights_only=True)
     model.load_state_dict(state)  # the exported EMA weights are full tensors, not shards
