@@ -19,29 +19,10 @@ import torch
 
 from pipelines import checkpoint as ckpt
 from pipelines.config import load_config
-from pipelines.demo_data import make_demo_data
 from pipelines.loop import NonFiniteLossError
 from pipelines.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    make_demo_data(out, crops_per_photo=1, clips_per_photo=1, max_count=8)
-    return {"train": [str(out / "train-*.tar")], "val": [str(out / "val-*.tar")]}
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from pipelines.train import init_ray
-
-    init_ray(num_cpus=2, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _overrides(shards, storage, name, *extra):

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from pipelines.batch_infer import inference_data
-from pipelines.demo_data import make_demo_data
 from pipelines.model_store import ModelLoadError, export_model, load_model
 from pipelines.tokenize import detokenize_sample, iter_token_samples, token_shard_name, tokenize
 from pipelines.tracking import Tracker
@@ -21,10 +20,8 @@ DATA = ["data.resolutions=[[32,32]]", "data.frame_counts=[4]", "data.batch_size=
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    make_demo_data(out, crops_per_photo=1, clips_per_photo=1, max_count=6)
-    return sorted(str(p) for p in out.glob("*.tar"))
+def files(shards):
+    return shards["files"]
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +44,6 @@ def logged(tmp_path_factory):
     return {"uri": uri, "run_id": run_id, "dir": root / "model", "version": version}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from pipelines.train import init_ray
-
-    init_ray(num_cpus=2, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_model_loads_from_every_source(logged):
     import mlflow.pyfunc
 
@@ -77,19 +63,19 @@ def test_model_loads_from_every_source(logged):
         load_model(logged["dir"].parent / "nothing-here")
 
 
-def test_tokenize_with_two_actors_resumes_and_detokenizes(shards, logged, ray_local, tmp_path):
+def test_tokenize_with_two_actors_resumes_and_detokenizes(files, logged, ray_local, tmp_path):
     loaded = load_model(f"runs:/{logged['run_id']}/model")
     out = tmp_path / "tokens"
-    manifest = tokenize(loaded, shards, out, DATA, actors=2)
+    manifest = tokenize(loaded, files, out, DATA, actors=2)
     # the same stages in one process: the reference for counts and codes
-    plain = tokenize(loaded, shards, tmp_path / "plain", DATA, actors=0)
+    plain = tokenize(loaded, files, tmp_path / "plain", DATA, actors=0)
     assert manifest["totals"] == plain["totals"] and manifest["totals"]["samples"] > 0
-    assert manifest["totals"]["shards"] == len(shards)
-    assert manifest["this_run"]["shards_written"] == len(shards)
+    assert manifest["totals"]["shards"] == len(files)
+    assert manifest["this_run"]["shards_written"] == len(files)
     assert manifest["model"]["run_id"] == logged["run_id"]
 
     # codes: one array per pyramid level with the latent grid's shape (time /2, space /4)
-    cfg = inference_data(loaded, shards, DATA)
+    cfg = inference_data(loaded, files, DATA)
     x = torch.zeros(1, 3, 4, 32, 32)
     levels = [tuple(c.shape[1:]) for c in loaded.model.tokenize(x)]
     samples = [s for tar in sorted(out.glob("*.tar")) for s in iter_token_samples(tar)]
@@ -106,32 +92,32 @@ def test_tokenize_with_two_actors_resumes_and_detokenizes(shards, logged, ray_lo
 
     # a second run writes nothing; a lost shard (crash mid-write) is the only one redone
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
-    again = tokenize(loaded, shards, out, DATA, actors=2)
+    again = tokenize(loaded, files, out, DATA, actors=2)
     assert again["this_run"]["shards_written"] == 0 and again["totals"] == manifest["totals"]
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == mtimes
     lost = sorted(out.glob("*.tar"))[0]
     lost.rename(lost.with_name(lost.name + ".partial"))  # what a killed writer leaves
-    redo = tokenize(loaded, shards, out, DATA, actors=0)
+    redo = tokenize(loaded, files, out, DATA, actors=0)
     assert redo["this_run"]["shards_written"] == 1 and redo["totals"] == manifest["totals"]
 
     # detokenize equals direct reconstruction of the same decoded clip
     from pipelines.batch_infer import decode_shard
 
-    batch = next(b for b in decode_shard(shards[0], cfg) if str(b["keys"][0]))
+    batch = next(b for b in decode_shard(files[0], cfg) if str(b["keys"][0]))
     video = torch.from_numpy(np.asarray(batch["video"][0])).permute(0, 4, 1, 2, 3)
     with torch.no_grad():
         direct = loaded.model.eval()(video.float() / 127.5 - 1)[0]
     key = str(batch["keys"][0]).split("\n")[0]
-    tar = out / token_shard_name(shards[0])
+    tar = out / token_shard_name(files[0])
     info, codes = next((i, c) for i, c in iter_token_samples(tar) if i["key"] == key)
     torch.testing.assert_close(detokenize_sample(loaded, info, codes), direct[0])
 
 
-def test_detokenize_cli_writes_media(shards, logged, tmp_path):
+def test_detokenize_cli_writes_media(files, logged, tmp_path):
     from pipelines.cli import main
 
     tokens = tmp_path / "tokens"
-    assert main(["tokenize", "--model", str(logged["dir"]), "--data", *shards[:1],
+    assert main(["tokenize", "--model", str(logged["dir"]), "--data", *files[:1],
                  "--out", str(tokens), "--actors", "0", *DATA]) == 0  # fmt: skip
     manifest = json.loads((tokens / "manifest.json").read_text())
     assert manifest["model"]["source"] == str(logged["dir"].resolve())
@@ -146,14 +132,14 @@ def test_detokenize_cli_writes_media(shards, logged, tmp_path):
         main(["detokenize", "--tokens", str(tokens), "--model", str(other), "--out", str(out)])
 
 
-def test_distributed_eval_equals_single_process(shards, logged, ray_local):
+def test_distributed_eval_equals_single_process(files, logged, ray_local):
     from pipelines.data import iter_batches
     from pipelines.evaluate import evaluate, evaluate_sharded
 
     loaded = load_model(logged["dir"])
-    two, media = evaluate_sharded(loaded, shards, DATA, actors=2)
-    one, _ = evaluate_sharded(loaded, shards, DATA, actors=0)
-    cfg = inference_data(loaded, shards, DATA)
+    two, media = evaluate_sharded(loaded, files, DATA, actors=2)
+    one, _ = evaluate_sharded(loaded, files, DATA, actors=0)
+    cfg = inference_data(loaded, files, DATA)
     direct, _ = evaluate(loaded.model, iter_batches(cfg), torch.device("cpu"), video=True)
     assert two["eval/samples"] == one["eval/samples"] > 0
     for key, value in direct.items():
@@ -162,7 +148,7 @@ def test_distributed_eval_equals_single_process(shards, logged, ray_local):
     assert "grid" in media
 
 
-def test_killed_tokenize_loses_only_unfinished_shards(shards, logged, tmp_path):
+def test_killed_tokenize_loses_only_unfinished_shards(files, logged, tmp_path):
     """SIGKILL a real `vqtok tokenize` once it has written a shard: every tar left is whole,
     and a rerun finishes with exactly the tokens of an uninterrupted run."""
     import os
@@ -173,7 +159,7 @@ def test_killed_tokenize_loses_only_unfinished_shards(shards, logged, tmp_path):
 
     out = tmp_path / "tokens"
     cmd = [sys.executable, "-m", "pipelines.cli", "tokenize", "--model", str(logged["dir"]),
-           "--data", *shards, "--out", str(out), "--actors", "0", *DATA]  # fmt: skip
+           "--data", *files, "--out", str(out), "--actors", "0", *DATA]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
@@ -188,9 +174,9 @@ def test_killed_tokenize_loses_only_unfinished_shards(shards, logged, tmp_path):
         stats = json.loads((tar.parent / f"{tar.name}.stats.json").read_text())
         assert sum(1 for _ in iter_token_samples(tar)) == stats["samples"]
     loaded = load_model(logged["dir"])
-    again = tokenize(loaded, shards, out, DATA, actors=0)
-    assert again["this_run"]["shards_written"] == len(shards) - len(written)
-    fresh = tokenize(loaded, shards, tmp_path / "fresh", DATA, actors=0)
+    again = tokenize(loaded, files, out, DATA, actors=0)
+    assert again["this_run"]["shards_written"] == len(files) - len(written)
+    fresh = tokenize(loaded, files, tmp_path / "fresh", DATA, actors=0)
     assert again["totals"] == fresh["totals"]
     for tar in sorted((tmp_path / "fresh").glob("*.tar")):
         ours = dict((i["key"], c) for i, c in iter_token_samples(out / tar.name))

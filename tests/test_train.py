@@ -10,28 +10,9 @@ import yaml
 
 from pipelines import checkpoint as ckpt
 from pipelines.config import ConfigError, load_config
-from pipelines.demo_data import make_demo_data
 from pipelines.train import fit
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    make_demo_data(out, crops_per_photo=1, clips_per_photo=1, max_count=8)
-    return {"train": [str(out / "train-*.tar")], "val": [str(out / "val-*.tar")]}
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from pipelines.train import init_ray
-
-    init_ray(num_cpus=2, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _config(shards, tmp_path, name, *extra):
