@@ -2,6 +2,12 @@
 
     python benchmarks/quantizers.py --device cuda --tokens 65536          # all cases
     python benchmarks/quantizers.py --device cpu --tokens 8192 --cases vq_d256_k8192_ema
+    python benchmarks/quantizers.py --fused off      # the chunked torch search on CUDA too
+
+The issue-8 targets: vq_d256_k8192_ema; looc_d256_m32_k256 against vector-quantize-pytorch's
+32 heads x dim 8 sharing one 256-code codebook; lfq_2^16 (entropy loss on); hrvq_d256_2x90
+against vq_d256_k8100_flat (8,100 leaves each); rvq_d256_4x1024 against ResidualVQ.
+`--fused` sets VQCORE_FUSED (auto: the Triton kernel for CUDA tensors when triton imports).
 
 Prints one JSON object per line (case, impl, device, dtype, shape, ms, peak memory,
 tokens/s, git revision). Runs with torch alone; the vector-quantize-pytorch rows appear
@@ -11,6 +17,7 @@ when `vector_quantize_pytorch` is importable (pip install "vector-quantize-pytor
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import device_name, emit, git_rev, measure  # noqa: E402
+from vqcore.ops.nearest import use_fused  # noqa: E402
 from vqcore.quantizers import build  # noqa: E402
 
 # case -> (channels D, our config, vector-quantize-pytorch constructor or None)
@@ -42,7 +50,11 @@ CASES: dict[str, tuple[int, dict, Callable | None]] = {
     ),
     "rvq_d256_4x1024": (
         256,
-        {"type": "rvq", "num_quantizers": 4, "codebook_size": 1024, "update": "ema"},
+        {
+            "type": "rvq",
+            "num_quantizers": 4,
+            "inner": {"type": "vq", "codebook_size": 1024, "update": "ema"},
+        },
         lambda m: m.ResidualVQ(dim=256, num_quantizers=4, codebook_size=1024, decay=0.99),
     ),
     "lfq_2^14": (14, {"type": "lfq"}, lambda m: m.LFQ(dim=14, codebook_size=2**14)),
@@ -95,7 +107,14 @@ def main(argv=None) -> None:
     p.add_argument("--cases", nargs="*", default=list(CASES))
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--no-reference", action="store_true", help="skip vector-quantize-pytorch")
+    p.add_argument(
+        "--fused",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="fused Triton nearest-code search (VQCORE_FUSED); on needs CUDA + triton",
+    )
     args = p.parse_args(argv)
+    os.environ["VQCORE_FUSED"] = args.fused
     device = torch.device(args.device)
     n = args.tokens or (65536 if device.type == "cuda" else 8192)
     side = 32 if n % 1024 == 0 else 1
@@ -105,7 +124,17 @@ def main(argv=None) -> None:
         have_ref = not args.no_reference
     except ImportError:
         have_ref = False
-    common = {"device": device_name(device), "dtype": "float32", "tokens": n, "git": git_rev()}
+    try:  # what nearest_code takes for tensors on this device
+        fused = use_fused(torch.zeros(1, device=device))
+    except RuntimeError as exc:  # --fused on where it cannot run: every case reports the error
+        fused = f"error: {exc}"
+    common = {
+        "device": device_name(device),
+        "dtype": "float32",
+        "tokens": n,
+        "fused_search": fused,
+        "git": git_rev(),
+    }
     for case in args.cases:
         dim, spec, ctor = CASES[case]
         torch.manual_seed(0)

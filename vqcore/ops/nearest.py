@@ -2,11 +2,26 @@
 
 The distance step is ||x||² - 2 x·e + ||e||²; rows of `x` are processed in chunks so the
 extra memory is `chunk x K` floats, not `N x K` (N = 65,536, K = 8,192 would be 2 GiB in fp32).
+
+On CUDA with Triton installed, `nearest_code` runs the fused kernel of
+`vqcore.ops.triton_nearest` instead (distances and argmin in one pass, operands in the input's
+dtype, fp32 accumulation; fp32 inputs as tf32). The switch: the `fused` argument, else the
+environment variable VQCORE_FUSED (read at every call):
+- "auto" or unset: fused when x is a CUDA tensor and Triton is importable;
+- "0"/"off": always the chunked torch path (exact fp32 search, the reference);
+- "1"/"on": always fused; an error where it cannot run (CPU tensors without TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+from vqcore.ops import triton_nearest
+
+FUSED_ENV = "VQCORE_FUSED"
+_FUSED_VALUES = {"": None, "auto": None, "0": False, "off": False, "1": True, "on": True}
 
 # Extra memory one chunk of distances may take, in elements (64 Mi floats = 256 MiB in fp32).
 DEFAULT_BUDGET_ELEMENTS = 1 << 24
@@ -14,6 +29,32 @@ DEFAULT_BUDGET_ELEMENTS = 1 << 24
 
 def _chunk_rows(num_codes: int, budget: int) -> int:
     return max(1, budget // max(1, num_codes))
+
+
+def fused_setting() -> bool | None:
+    """VQCORE_FUSED as True (on), False (off) or None (auto)."""
+    raw = os.environ.get(FUSED_ENV, "").strip().lower()
+    if raw not in _FUSED_VALUES:
+        raise ValueError(f"{FUSED_ENV} must be one of auto, on, off, 1, 0; got {raw!r}")
+    return _FUSED_VALUES[raw]
+
+
+def use_fused(x: torch.Tensor, fused: bool | None = None) -> bool:
+    """Whether a search over `x` takes the fused kernel; `fused` None defers to VQCORE_FUSED.
+
+    Auto means CUDA tensors with Triton importable; forcing it where it cannot run raises.
+    """
+    if fused is None:
+        fused = fused_setting()
+    if fused is None:
+        return x.is_cuda and triton_nearest.available()
+    if fused and not triton_nearest.can_run(x):
+        why = "triton is not installed" if not triton_nearest.available() else "x is not on CUDA"
+        raise RuntimeError(
+            f"fused nearest-code search was forced ({FUSED_ENV}=1 or fused=True) but {why}; "
+            "TRITON_INTERPRET=1 runs it on CPU in Triton's interpreter"
+        )
+    return fused
 
 
 def squared_distances(x_nd: torch.Tensor, codebook_kd: torch.Tensor) -> torch.Tensor:
@@ -29,14 +70,20 @@ def nearest_code(
     codebook_kd: torch.Tensor,
     metric: str = "l2",
     budget_elements: int = DEFAULT_BUDGET_ELEMENTS,
+    fused: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of the nearest code for every row, and its distance (l2: squared; cosine: 1 - cos).
 
     x_nd: (N, D) features, codebook_kd: (K, D). Returns codes (N,) int64 and dist (N,) fp32.
-    Works in fp32 whatever the input dtype, so ties break the same way on every device.
+    The chunked path works in fp32 whatever the input dtype, so ties break the same way on
+    every device; the fused path (`fused`, see the module docstring) rounds the operands to
+    bf16/fp16/tf32 and may pick another code on near-ties (within the bound in
+    `vqcore.ops.triton_nearest`). Exact ties go to the lowest index on both.
     """
     if metric not in ("l2", "cosine"):
         raise ValueError(f"nearest_code: metric must be 'l2' or 'cosine', got {metric!r}")
+    if use_fused(x_nd, fused):
+        return triton_nearest.nearest_code_fused(x_nd, codebook_kd, metric)
     n, k = x_nd.shape[0], codebook_kd.shape[0]
     e = codebook_kd.float()
     if metric == "cosine":

@@ -11,9 +11,11 @@ where x̂_k is the feature closest to e_k ("closest") or a random feature ("rand
 codebooks this runs per codebook over the tokens searched in it; a codebook that got no token
 in a batch (all ranks together) keeps its running usage and its codes.
 
-Grouped search (`group_n`): each token is searched only in its own codebook. With few groups
-present (pq's sub-spaces, the first layers of an hrvq tree) that is one chunked matmul search
-per group; with many small groups (deep hrvq layers) each token's codebook is gathered, chunked.
+Grouped search (`group_n`): each token is searched only in its own codebook. With the fused
+kernel (CUDA + Triton, `VQCORE_FUSED`, see vqcore.ops.nearest) that is one launch for all
+groups, tokens sorted by group on the device. Otherwise: with few groups present (pq's
+sub-spaces, the first layers of an hrvq tree) one chunked matmul search per group; with many
+small groups (deep hrvq layers) each token's codebook is gathered, chunked.
 
 Distributed: batch statistics are all-reduced before any update, and re-anchored codes are
 broadcast from rank 0, so every rank keeps the same codebook.
@@ -26,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqcore.ops import all_reduce_sum_, broadcast_, nearest_code, nearest_feature_per_code
-from vqcore.ops.nearest import DEFAULT_BUDGET_ELEMENTS
+from vqcore.ops.nearest import DEFAULT_BUDGET_ELEMENTS, use_fused
+from vqcore.ops.triton_nearest import nearest_code_fused
 from vqcore.quantizers.base import CodeUsage
 
 UPDATES = ("grad", "ema")
@@ -188,16 +191,21 @@ def _grouped_nearest(
 ) -> torch.Tensor:
     """Nearest code of token n within codebook group_n[n] only, never the (N, G·K) distances.
 
-    Few groups present: one `nearest_code` matmul search per group. Many small groups: each
-    token's codebook is gathered, chunked so at most `budget_elements` entries are held.
+    Fused (see `use_fused`): one kernel launch over all groups. Few groups present: one
+    `nearest_code` matmul search per group. Many small groups: each token's codebook is
+    gathered, chunked so at most `budget_elements` entries are held.
     """
+    if use_fused(x_nd):
+        return nearest_code_fused(x_nd, codebooks_gkd, distance, group_n=group_n)[0]
     g, k, d = codebooks_gkd.shape
     n = x_nd.shape[0]
     codes = torch.empty(n, dtype=torch.long, device=x_nd.device)
     groups, indices = _split_by_group(group_n, g)
     if len(groups) <= max(MAX_LOOP_GROUPS, n // TOKENS_PER_GROUP_LOOP):
         for grp, idx in zip(groups, indices):
-            codes[idx] = nearest_code(x_nd[idx], codebooks_gkd[grp], distance, budget_elements)[0]
+            codes[idx] = nearest_code(
+                x_nd[idx], codebooks_gkd[grp], distance, budget_elements, fused=False
+            )[0]
         return codes
     step = max(1, budget_elements // (k * d))
     codebooks = codebooks_gkd.float()
