@@ -381,3 +381,56 @@ def test_nonfinite_streak_stops_with_a_checkpoint_from_before_the_first_bad_step
     two = _config(shards, tmp_path, "two_steps", "train.steps=2", *extra)
     fit(two, local=True)
     assert _same(_weights(found), _weights(ckpt.latest(two.run.run_dir))) == []
+
+
+def test_training_survives_the_tracking_server_dying(shards, tmp_path, caplog, monkeypatch):
+    """A real `mlflow server` SIGKILLed mid-run: training finishes, every metric is kept in
+    the run folder, the outage is reported once, and once a server is back on the same store
+    `sync_journal` delivers each step exactly once."""
+    import logging
+    import threading
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.mlflow_server import start_mlflow_server, stop_mlflow_server
+    from pipelines.tracking import sync_journal
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    backend, artifacts = f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "mlartifacts"
+    proc, url = start_mlflow_server(backend, artifacts)
+    cfg = _config(shards, tmp_path, "down", "train.steps=12", "train.log_every=1",
+                  "train.ckpt_every=12", "loss.gan_weight=0", f"run.tracking_uri={url}")  # fmt: skip
+    run_dir = cfg.run.run_dir
+
+    def kill_after_first_rows():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            f = run_dir / "metrics.jsonl"
+            if f.exists() and len(f.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+        stop_mlflow_server(proc, kill=True)
+
+    killer = threading.Thread(target=kill_after_first_rows)
+    caplog.set_level(logging.WARNING, logger="vqtok.tracking")
+    try:
+        killer.start()
+        fit(cfg, local=True)
+        killer.join()
+        steps = [r["step"] for r in _rows(run_dir) if "train/total" in r["metrics"]]
+        assert steps == list(range(1, 13))  # all kept locally
+        outages = [r for r in caplog.records if r.name == "vqtok.tracking"
+                   and url in r.getMessage()]  # fmt: skip
+        assert len(outages) == 1, [r.getMessage() for r in outages]
+        client = MlflowClient(url)
+        proc, _ = start_mlflow_server(backend, artifacts, port=int(url.rsplit(":", 1)[1]))
+        assert sync_journal(run_dir) > 0
+        run_id = (run_dir / "mlflow_run_id").read_text().strip()
+        history = client.get_metric_history(run_id, "train/total")
+        assert sorted(m.step for m in history) == list(range(1, 13))  # each exactly once
+        assert client.get_run(run_id).info.status == "FINISHED"
+    finally:
+        killer.join()
+        stop_mlflow_server(proc)
