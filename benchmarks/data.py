@@ -38,7 +38,7 @@ import numpy as np
 
 from pipelines.data import BatchStream, DataConfig, build_dataset, iter_batches
 from pipelines.decode import decode_video
-from pipelines.demo_data import _pan_zoom_frames, photos
+from pipelines.demo_data import pan_zoom_frames, photos
 from pipelines.sampling import frame_window
 from pipelines.shards import ShardSink, encode_h264, make_key
 from pipelines.tars import iter_tar_samples
@@ -65,7 +65,7 @@ def make_clips(out: Path, n: int, size: int, frames: int) -> list[str]:
     pics = list(photos().items())
     for i in range(n):
         name, img = pics[i % len(pics)]
-        data = encode_h264(_pan_zoom_frames(rng, img, (size, size), frames), 25.0)
+        data = encode_h264(pan_zoom_frames(rng, img, (size, size), frames), 25.0)
         meta = {
             "source": name,
             "fps": 25.0,

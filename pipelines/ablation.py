@@ -1,17 +1,38 @@
-"""`vqtok ablate STUDY.yaml`: train one config with several quantizers, one table of results.
+"""`vqtok ablate STUDY.yaml`: train one config in several variants over several seeds, one
+table of results with the paper's orderings checked.
 
-    vqtok ablate jobs/pvq_ablation.yaml [--scale cpu|gpu] [--variants vq,pvq] [k=v ...] [--local]
+    vqtok ablate jobs/ablate_looc.yaml [k=v ...] [--scale tiny|cpu|gpu] [--variants a,b] [--local]
+
+(`key=value` overrides right after the study file: argparse takes them as one positional list.)
 
 A study file is a run config (the sections of `pipelines.config`) plus an `ablation:` section:
-`study` (its name), `scales` (named sets of dotted overrides, e.g. `cpu` and `gpu`; `scale`
-picks the default) and `variants` (name -> a `model.quantizer` spec, or
-`{quantizer: spec, dotted.key: value, ...}` for a variant that changes more). Each variant's
-config is: file sections <- the scale's overrides <- command-line overrides <- the variant.
+- `study` (its name), `title`, `source` (the seed and its table/figure), `claim` (its text),
+  `notes` (our deviations, for docs/RESULTS.md);
+- `scales`: named sets of dotted overrides (`tiny` for tests, `cpu`, `gpu`); `scale` the default;
+- `variants`: name -> a `model.quantizer` spec, or `{quantizer: spec, dotted.key: value, ...}`,
+  or `{dotted.key: value, section: {...}, ...}` (no `quantizer` key: the model's own is kept;
+  a section, e.g. `model:`, replaces the file's whole section);
+- `seeds`: `train.seed` of each repeat (default: the file's `train.seed`); the data order and
+  the validation batches (`data.seed`) stay fixed, so every run is scored on the same set;
+- `orderings`: the paper's pairwise claims `[better, worse, metric, higher_is_better]`,
+  checked by `pipelines.ablation_report.check_ordering` (yes / no / inconclusive);
+- `columns`: the metric keys of the table (`ablation_report.METRICS`); `reference`: the
+  paper's numbers `{title, values: {variant: text}}`; `curves`: metric keys copied from every
+  run into the parent run as `<run>/<key>` on the runs' own step axis (one chart per key);
+- `data`: `{out: FOLDER, ...}` of `pipelines.ablation_data.make_ablation_data`: made before the
+  first run unless it is there; `{data}` in `data.shards` / `train.eval_shards` is that folder;
+- `parallel`: with `--local`, how many runs train at once, each in its own process with
+  cores / parallel torch threads (default 1; one run per core is the fastest on a small CPU
+  machine: a tiny model does not use 2 threads well). Under Ray runs go one after another.
+Config of a run: file sections <- the scale's overrides <- `key=value` overrides <- the
+variant <- its seed. Overrides `ablation.KEY=value` change the section itself (e.g.
+`ablation.seeds=[0]`, `ablation.data.out=/tmp/d`), as do a scale's `ablation.*` keys.
 
-Every variant is trained with `pipelines.train.fit` (Ray Train, or `--local`) into
-`<run.storage>/<study>/<variant>`, as an MLflow run nested under one parent run `<study>`,
-and evaluated (EMA weights on `train.eval_shards`, at its last step). The table
-(`results.md`, `results.json`) goes to `<run.storage>/<study>/` and to the parent run.
+Each run (variant × seed) is trained with `pipelines.train.fit` (Ray Train, or `--local`) into
+`<run.storage>/<study>/<variant>-s<seed>`, as an MLflow run nested under one parent run
+`<study>`, evaluated (EMA weights on `train.eval_shards`) and scored by
+`pipelines.ablation_metrics` (encode time, highest wavelet band error, F_L alone, codebook
+size). `results.md` and `results.json` go to `<run.storage>/<study>/` and to the parent run.
 Without a tracking URI (`run.tracking_uri` or `MLFLOW_TRACKING_URI`) all runs share one
 SQLite store in the study folder, so the children really nest under the parent.
 """
@@ -21,31 +42,37 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
+import multiprocessing
+import os
+import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pipelines.ablation_report import (
+    DEFAULT_COLUMNS,
+    aggregate,
+    check_orderings,
+    device_description,
+    format_results,
+    format_table,
+    git_revision,
+    quantizer_label,
+    variant_label,
+)
 from pipelines.config import Config, ConfigError, from_dict, validate
 
-# Seed 004, supplementary Table 1 (COCO-Val / WebVid-Val PSNR), for the "paper" column.
-PAPER_PSNR = {
-    "vq": (31.45, 32.91), "gvq": (32.25, 33.34), "lfq": (34.22, 33.92), "rvq": (33.92, 34.22),
-    "psvq": (34.45, 34.98), "rvq_lfq": (34.78, 35.27), "pvq": (35.12, 36.01),
-}  # fmt: skip
+__all__ = ["Study", "format_table", "load_study", "quantizer_label", "run_study"]
 
-# (column title, metric key, format); a column shows "—" where a run has no value
-COLUMNS = (
-    ("PSNR dB", "eval/psnr", "{:.2f}"),
-    ("SSIM", "eval/ssim", "{:.4f}"),
-    ("LPIPS", "eval/lpips", "{:.4f}"),
-    ("usage", "eval/quantizer_usage", "{:.3f}"),
-    ("bits/token", "eval/bits_per_token", "{:.2f}"),
-)
+SPEC_KEYS = {"study", "title", "source", "claim", "scale", "scales", "variants", "seeds",
+             "orderings", "columns", "reference", "curves", "data", "parallel", "notes"}  # fmt: skip
+DEFAULT_CURVES = ("train/total", "eval/psnr", "eval/ssim")
+_SECTIONS = {f.name for f in fields(Config)}
 
 
 @dataclass
@@ -53,7 +80,14 @@ class Study:
     name: str
     scale: str
     folder: Path
-    configs: dict[str, Config] = field(default_factory=dict)
+    configs: dict[str, Config] = field(default_factory=dict)  # variant -> config (seed aside)
+    seeds: list[int] = field(default_factory=list)
+    spec: dict = field(default_factory=dict)  # the `ablation:` section, overrides applied
+    path: Path | None = None
+
+    @property
+    def data(self) -> dict | None:
+        return self.spec.get("data")
 
 
 def load_study(
@@ -70,35 +104,58 @@ def load_study(
     spec = raw.pop("ablation", None)
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: no `ablation:` section (study, scales, variants)")
-    unknown = sorted(set(spec) - {"study", "scale", "scales", "variants"})
-    if unknown:
-        raise ConfigError(f"{path}: unknown ablation key(s) {unknown}")
-    name = str(spec.get("study") or path.stem)
-    scales, all_variants = spec.get("scales") or {}, spec.get("variants") or {}
-    scale = scale or spec.get("scale")
-    if scale is not None and scale not in scales:
-        raise ConfigError(f"ablation.scale: {scale!r} is not one of {sorted(scales)}")
-    chosen = variants or list(all_variants)
-    missing = [v for v in chosen if v not in all_variants]
-    if missing or not chosen:
-        raise ConfigError(f"ablation.variants: {missing or 'none'} not in {list(all_variants)}")
-    base = copy.deepcopy(raw)
-    for key, value in (scales.get(scale) or {}).items() if scale else ():
-        _set(base, key, value)
+    pairs = []
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        _set(base, key.strip(), yaml.safe_load(value))
+        pairs.append((key.strip(), yaml.safe_load(value)))
+    scale = scale or spec.get("scale")
+    scales = spec.get("scales") or {}
+    if scale is not None and scale not in scales:
+        raise ConfigError(f"ablation.scale: {scale!r} is not one of {sorted(scales)}")
+    scaled = dict(scales.get(scale) or {}) if scale else {}
+    # the section itself: the file <- the scale's `ablation.*` keys <- the command line's
+    for key, value in [*scaled.items(), *pairs]:
+        if key.startswith("ablation."):
+            _set(spec, key.removeprefix("ablation."), value)
+    unknown = sorted(set(spec) - SPEC_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown ablation key(s) {unknown}; known: {sorted(SPEC_KEYS)}")
+    name = str(spec.get("study") or path.stem)
+    all_variants = spec.get("variants") or {}
+    chosen = variants or list(all_variants)
+    missing = [v for v in chosen if v not in all_variants]
+    if missing or not chosen:
+        raise ConfigError(f"ablation.variants: {missing or 'none'} not in {list(all_variants)}")
+    _check_orderings(spec.get("orderings") or [], all_variants, path)
+    base = copy.deepcopy(raw)
+    for key, value in [*scaled.items(), *pairs]:
+        if not key.startswith("ablation."):
+            _set(base, key, value)
+    if spec.get("data") is not None:
+        if not isinstance(spec["data"], dict) or not spec["data"].get("out"):
+            raise ConfigError(f"{path}: ablation.data needs `out: FOLDER`, got {spec['data']!r}")
+        spec["data"] = {
+            **spec["data"],
+            "out": str(Path(spec["data"]["out"]).expanduser().resolve()),
+        }
+        _fill_data_folder(base, spec["data"]["out"])
     storage = Path(base.get("run", {}).get("storage", "runs")).expanduser().resolve()
-    study = Study(name, scale or "-", storage / name)
+    seeds = spec.get("seeds") or [base.get("train", {}).get("seed", 42)]
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"ablation.seeds: expected a list of integers, got {seeds!r}")
+    study = Study(name, scale or "-", storage / name, seeds=list(seeds), spec=spec, path=path)
     for variant in chosen:
         cfg_raw = copy.deepcopy(base)
         v = all_variants[variant]
         if not isinstance(v, dict):
             raise ConfigError(f"ablation.variants.{variant}: expected a mapping, got {v!r}")
-        extra = dict(v) if "quantizer" in v else {"quantizer": v}
-        _set(cfg_raw, "model.quantizer", extra.pop("quantizer"))
+        # a mapping of overrides (dotted keys, whole sections, `quantizer`), else a quantizer spec
+        plain = not v or "quantizer" in v or any("." in k or k in _SECTIONS for k in v)
+        extra = dict(v) if plain else {"quantizer": v}
+        if "quantizer" in extra:
+            _set(cfg_raw, "model.quantizer", extra.pop("quantizer"))
         for key, value in extra.items():
             _set(cfg_raw, key, value)
         _set(cfg_raw, "run.name", variant)
@@ -121,142 +178,201 @@ def _set(d: dict, dotted: str, value: Any) -> None:
     d[leaf] = value
 
 
-# --- the table ---------------------------------------------------------------------------
+def _fill_data_folder(base: dict, folder: str) -> None:
+    """`{data}` in the shard lists -> the study's data folder."""
+    for section, key in (("data", "shards"), ("train", "eval_shards")):
+        value = base.get(section, {}).get(key)
+        if isinstance(value, str):
+            value = [value]
+        if value:
+            base[section][key] = [str(s).replace("{data}", folder) for s in value]
 
 
-def quantizer_label(spec: dict) -> str:
-    """A short description of a quantizer spec: `pyramid(lfq d=16) ×3`, `vq K=4096`."""
-    kind = spec.get("type", "?")
-    parts = [kind]
-    if "codebook_size" in spec:
-        parts.append(f"K={spec['codebook_size']}")
-    if "codebook_dim" in spec:
-        parts.append(f"d={spec['codebook_dim']}")
-    if isinstance(spec.get("inner"), dict):
-        parts[0] = f"{kind}({quantizer_label(spec['inner'])})"
-    levels = spec.get("num_quantizers") or len(spec.get("scales", ())) or None
-    return " ".join(parts) + (f" ×{levels}" if levels else "")
-
-
-def _cell(value: Any, fmt: str) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "—"
-    return fmt.format(value)
-
-
-def format_table(rows: list[dict]) -> str:
-    """Markdown table of the variants. A row: `variant`, `quantizer` (label), `metrics`
-    (key -> value), and optionally `steps`, `seconds`, `error`. Columns whose metric no row
-    has (e.g. LPIPS without backbone weights) are left out; the paper's PSNR is shown for
-    the seed's seven variant names."""
-    columns = [c for c in COLUMNS if any(r.get("metrics", {}).get(c[1]) is not None for r in rows)]
-    head = ["variant", "quantizer", *(c[0] for c in columns)]
-    paper = any(r["variant"] in PAPER_PSNR for r in rows)
-    if paper:
-        head.append("paper PSNR (COCO / WebVid)")
-    head += ["steps", "time s", "status"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in rows:
-        m = r.get("metrics", {})
-        cells = [r["variant"], r.get("quantizer", "")]
-        cells += [_cell(m.get(key), fmt) for _, key, fmt in columns]
-        if paper:
-            ref = PAPER_PSNR.get(r["variant"])
-            cells.append(f"{ref[0]:.2f} / {ref[1]:.2f}" if ref else "—")
-        cells.append(_cell(r.get("steps"), "{:d}"))
-        cells.append(_cell(r.get("seconds"), "{:.0f}"))
-        cells.append("ok" if not r.get("error") else "failed: " + r["error"].replace("|", "/"))
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _last_metrics(run_dir: Path) -> dict[str, float]:
-    """The newest value of every metric in a run folder's journal (`metrics.jsonl`)."""
-    out: dict[str, float] = {}
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                out.update(json.loads(line).get("metrics", {}))
-            except (json.JSONDecodeError, AttributeError):
-                continue  # a line cut by a crash
-    return out
+def _check_orderings(orderings: list, variants: dict, path: Path) -> None:
+    for o in orderings:
+        ok = isinstance(o, list) and len(o) in (3, 4) and all(isinstance(x, str) for x in o[:3])
+        if not ok or (len(o) == 4 and not isinstance(o[3], bool)):
+            raise ConfigError(f"{path}: ablation.orderings: expected [better, worse, metric, "
+                              f"higher_is_better], got {o!r}")  # fmt: skip
+        for name in o[:2]:
+            if name not in variants:
+                raise ConfigError(f"{path}: ablation.orderings: {name!r} is not a variant")
 
 
 # --- running -----------------------------------------------------------------------------
 
 
-def run_study(study: Study, local: bool = False) -> list[dict]:
-    """Train and evaluate every variant; write the table; returns the rows."""
+def run_study(study: Study, local: bool = False, command: str | None = None) -> dict:
+    """Make the data if asked, train and score every variant × seed, write the tables;
+    returns the result (what results.json holds)."""
+    from pipelines.ablation_metrics import run_extra_metrics
     from pipelines.tracking import Tracker
     from pipelines.train import fit
 
+    data_sizes = None
+    if study.data:
+        from pipelines.ablation_data import ensure_ablation_data, size_summary
+
+        args = {k: v for k, v in study.data.items() if k != "out"}
+        try:
+            data_sizes = size_summary(ensure_ablation_data(study.data["out"], **args))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
     first = next(iter(study.configs.values()))
     study.folder.mkdir(parents=True, exist_ok=True)
-    uri = first.run.tracking_uri or _env_uri() or f"sqlite:///{study.folder / 'mlflow.db'}"
+    uri = first.run.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
+        f"sqlite:///{study.folder / 'mlflow.db'}"  # fmt: skip
     parent = Tracker(study.folder / "_parent", uri, first.run.experiment)  # its own journal
     parent_id = parent.start(
         study.name,
-        params={"scale": study.scale, "variants": {k: c.model["quantizer"]
-                                                    for k, c in study.configs.items()}},
+        params={"scale": study.scale, "seeds": study.seeds, "command": command,
+                "variants": {k: c.model.get("quantizer") for k, c in study.configs.items()}},
         tags={"vqtok.kind": "ablation"},
     )  # fmt: skip
     if parent_id is None:
         print(f"[vqtok] MLflow at {uri} unreachable: variant runs are not nested", file=sys.stderr)
-    rows, status = [], "FAILED"
-    try:
-        for variant, cfg in study.configs.items():
+    runs, status = [], "FAILED"
+    curves = study.spec.get("curves", DEFAULT_CURVES)
+    jobs = []
+    for variant, base in study.configs.items():
+        for seed in study.seeds:
+            cfg = copy.deepcopy(base)
+            cfg.train.seed, cfg.run.name = seed, f"{variant}-s{seed}"
             cfg.run.tracking_uri, cfg.run.parent_run_id = uri, parent_id
-            print(f"[vqtok] ablation {study.name}: training {variant}", file=sys.stderr, flush=True)
-            row = {"variant": variant, "quantizer": quantizer_label(cfg.model["quantizer"])}
-            t0 = time.perf_counter()
-            try:
-                metrics = fit(cfg, local=local)
-            except Exception as exc:  # one broken variant must not lose the others' results
-                metrics, row["error"] = {}, f"{type(exc).__name__}: {str(exc)[:200]}"
-                print(f"[vqtok] variant {variant} failed: {row['error']}", file=sys.stderr)
-            row["seconds"] = time.perf_counter() - t0
-            metrics = {**_last_metrics(cfg.run.run_dir), **metrics}
-            row["metrics"] = {k: v for k, v in metrics.items() if k.startswith("eval/")}
-            row["steps"] = int(metrics["step"]) if "step" in metrics else cfg.train.steps
-            rows.append(row)
-            for _, key, _ in COLUMNS:
-                if row["metrics"].get(key) is not None:
-                    parent.log_metrics({f"{variant}/{key.split('/', 1)[1]}": row["metrics"][key]},
-                                       step=0)  # fmt: skip
-        table = format_table(rows)
-        (study.folder / "results.md").write_text(f"# {study.name} ({study.scale})\n\n{table}")
-        (study.folder / "results.json").write_text(json.dumps(rows, indent=1))
+            jobs.append((cfg, variant, seed))
+    parallel = int(study.spec.get("parallel") or 1) if local else 1
+    try:
+        if parallel > 1:
+            threads = max(1, (os.cpu_count() or 1) // parallel)
+            ctx = multiprocessing.get_context("spawn")  # no fork of a process holding threads
+            with ProcessPoolExecutor(parallel, mp_context=ctx) as pool:
+                done = pool.map(_run_in_process, [(*job, threads) for job in jobs])
+                for (cfg, _, _), row in zip(jobs, done):  # in job order, as they finish
+                    runs.append(row)
+                    _log_to_parent(parent, cfg, row, curves)
+        else:
+            for cfg, variant, seed in jobs:
+                runs.append(_run_one(cfg, variant, seed, local, fit, run_extra_metrics))
+                _log_to_parent(parent, cfg, runs[-1], curves)
+        result = _result(study, runs, data_sizes, command)
+        text = (
+            f"# {study.spec.get('title', study.name)} ({study.scale})\n\n{format_results(result)}"
+        )
+        (study.folder / "results.md").write_text(text)
+        (study.folder / "results.json").write_text(json.dumps(result, indent=1) + "\n")
         parent.log_artifact(study.folder / "results.md")
-        parent.log_dict(rows, "results.json")
-        status = "FINISHED" if not any(r.get("error") for r in rows) else "FAILED"
+        parent.log_dict(result, "results.json")
+        status = "FINISHED" if not any(r.get("error") for r in runs) else "FAILED"
     finally:
         parent.end(status)
-    return rows
+    return result
 
 
-def _env_uri() -> str | None:
-    import os
+def _run_in_process(job: tuple) -> dict:
+    """A pool worker: one local run with `threads` torch threads."""
+    import torch
 
-    return os.environ.get("MLFLOW_TRACKING_URI") or None
+    from pipelines.ablation_metrics import run_extra_metrics
+    from pipelines.train import fit
+
+    cfg, variant, seed, threads = job
+    torch.set_num_threads(threads)
+    if not torch.distributed.is_initialized():  # a port inherited from the parent is taken
+        os.environ.pop("MASTER_PORT", None)
+    return _run_one(cfg, variant, seed, True, fit, run_extra_metrics)
+
+
+def _run_one(cfg: Config, variant: str, seed: int, local: bool, fit, extra) -> dict:
+    print(f"[vqtok] ablation: training {cfg.run.name}", file=sys.stderr, flush=True)
+    row = {"variant": variant, "seed": seed, "quantizer": variant_label(cfg)}
+    t0 = time.perf_counter()
+    try:
+        metrics = fit(cfg, local=local)
+    except Exception as exc:  # one broken run must not lose the others' results
+        metrics, row["error"] = {}, f"{type(exc).__name__}: {str(exc)[:200]}"
+        print(f"[vqtok] run {cfg.run.name} failed: {row['error']}", file=sys.stderr)
+    row["seconds"] = time.perf_counter() - t0
+    metrics = {**_last_metrics(cfg.run.run_dir), **metrics}
+    if not row.get("error"):
+        try:
+            metrics.update(extra(cfg, cfg.run.run_dir))
+        except Exception as exc:  # the table keeps the training metrics
+            row["extra_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            print(f"[vqtok] scoring {cfg.run.name} failed: {row['extra_error']}", file=sys.stderr)
+    row["metrics"] = {k: v for k, v in metrics.items()
+                      if k.startswith("eval/") or k == "train/total"}  # fmt: skip
+    row["steps"] = int(metrics["step"]) if "step" in metrics else cfg.train.steps
+    return row
+
+
+def _log_to_parent(parent, cfg: Config, row: dict, curves) -> None:
+    """The run's final numbers (step 0) and its curves (own steps) into the parent run."""
+    name = cfg.run.name
+    final = {f"{name}/{k.split('/', 1)[1]}": v for k, v in row["metrics"].items()
+             if isinstance(v, (int, float))}  # fmt: skip
+    if final:
+        parent.log_metrics(final, step=0)
+    for step, metrics in _journal(cfg.run.run_dir):
+        picked = {f"curves/{name}/{k}": v for k, v in metrics.items() if k in curves}
+        if picked:
+            parent.log_metrics(picked, step=step)
+
+
+def _journal(run_dir: Path) -> list[tuple[int, dict]]:
+    """(step, metrics) of every line of a run folder's `metrics.jsonl`."""
+    out = []
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                out.append((int(rec.get("step", 0)), dict(rec.get("metrics", {}))))
+            except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+                continue  # a line cut by a crash
+    return out
+
+
+def _last_metrics(run_dir: Path) -> dict[str, float]:
+    """The newest value of every metric in a run folder's journal."""
+    out: dict[str, float] = {}
+    for _, metrics in _journal(run_dir):
+        out.update(metrics)
+    return out
+
+
+def _result(study: Study, runs: list[dict], data_sizes: dict | None, command: str | None) -> dict:
+    summary = aggregate(runs)
+    return {
+        "study": study.name, "title": study.spec.get("title", study.name),
+        "scale": study.scale, "seeds": study.seeds, "variants": list(study.configs),
+        "columns": list(study.spec.get("columns") or DEFAULT_COLUMNS),
+        "reference": study.spec.get("reference"), "runs": runs, "summary": summary,
+        "orderings": check_orderings(summary, study.spec.get("orderings") or []),
+        "data": data_sizes, "device": device_description(next(iter(study.configs.values()))),
+        "command": command, "git": git_revision(),
+    }  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("study", type=Path, help="a study file, e.g. jobs/pvq_ablation.yaml")
-    p.add_argument("overrides", nargs="*", help="key=value overrides for every variant")
-    p.add_argument("--scale", default=None, help="a name under ablation.scales (cpu, gpu)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (ablation.KEY=... too)")
+    p.add_argument("--scale", default=None, help="a name under ablation.scales (tiny, cpu, gpu)")
     p.add_argument("--variants", default=None, help="comma-separated subset, in this order: vq,pvq")
     p.add_argument("--local", action="store_true", help="one process per variant, no Ray")
 
 
 def run(args: argparse.Namespace) -> int:
+    command = shlex.join(["vqtok", "ablate", str(args.study),
+                          *(["--scale", args.scale] if args.scale else []),
+                          *(["--variants", args.variants] if args.variants else []),
+                          *args.overrides, *(["--local"] if args.local else [])])  # fmt: skip
     try:
         variants = [v for v in (args.variants or "").split(",") if v] or None
         study = load_study(args.study, args.overrides, args.scale, variants)
-        rows = run_study(study, local=args.local)
+        result = run_study(study, local=args.local, command=command)
     except ConfigError as exc:
         print(f"vqtok ablate: {exc}", file=sys.stderr)
         return 2
-    print(format_table(rows))
+    print(format_results(result))
     print(f"[vqtok] results in {study.folder / 'results.md'}")
-    return 0 if not any(r.get("error") for r in rows) else 1
+    return 0 if not any(r.get("error") for r in result["runs"]) else 1

@@ -75,7 +75,7 @@ def _encode_image(img: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _crops(rng: np.random.Generator, name: str, img: np.ndarray, n: int):
+def crops(rng: np.random.Generator, name: str, img: np.ndarray, n: int):
     h0, w0 = img.shape[:2]
     for i in range(n):
         side = int(rng.integers(64, min(256, h0, w0) + 1))
@@ -95,7 +95,7 @@ def _crops(rng: np.random.Generator, name: str, img: np.ndarray, n: int):
         yield {"key": make_key(f"{name}_crop{i}"), "ext": ext, "data": data, "meta": meta}
 
 
-def _pan_zoom_frames(rng: np.random.Generator, img: np.ndarray, out_hw, frames: int):
+def pan_zoom_frames(rng: np.random.Generator, img: np.ndarray, out_hw, frames: int):
     """Frames of a camera moving linearly between two random boxes of the output aspect."""
     from PIL import Image
 
@@ -115,12 +115,12 @@ def _pan_zoom_frames(rng: np.random.Generator, img: np.ndarray, out_hw, frames: 
         )
 
 
-def _pan_zoom_clips(rng: np.random.Generator, name: str, img: np.ndarray, n: int):
+def pan_zoom_clips(rng: np.random.Generator, name: str, img: np.ndarray, n: int):
     for i in range(n):
         out_hw = CLIP_SIZES[int(rng.integers(len(CLIP_SIZES)))]
         frames = CLIP_FRAMES[int(rng.integers(len(CLIP_FRAMES)))]
         fps = float(rng.choice([24.0, 25.0, 30.0]))
-        data = encode_h264(_pan_zoom_frames(rng, img, out_hw, frames), fps, crf=20)
+        data = encode_h264(pan_zoom_frames(rng, img, out_hw, frames), fps, crf=20)
         meta = {
             "source": name,
             "fps": fps,
@@ -155,8 +155,8 @@ def make_demo_data(
     for name, img in photos().items():
         inputs[sink_for(name).prefix] += 1
         for sample in [
-            *_crops(rng, name, img, crops_per_photo),
-            *_pan_zoom_clips(rng, name, img, clips_per_photo),
+            *crops(rng, name, img, crops_per_photo),
+            *pan_zoom_clips(rng, name, img, clips_per_photo),
         ]:
             sink_for(name).write(sample)
     for path in video_files():

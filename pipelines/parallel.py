@@ -47,7 +47,9 @@ def init_single_process_group(device: torch.device) -> None:
 
     if dist.is_initialized():
         return
-    if "MASTER_PORT" not in os.environ:
+    # a fresh port for a world of one: one inherited from a parent that trained in the same
+    # way (e.g. `vqtok ablate --local` pool workers) would be in use
+    if "MASTER_PORT" not in os.environ or os.environ.get("WORLD_SIZE", "1") == "1":
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])

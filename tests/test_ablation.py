@@ -1,26 +1,34 @@
-"""`vqtok ablate`: the study file, the results table, and a tiny real study (2 variants ×
-2 steps, one process each) whose runs nest under one MLflow parent run."""
+"""`vqtok ablate`: the study files, the seeds aggregated into one table and the paper's
+orderings checked, on fixed numbers. The data and real tiny runs of every study:
+tests/test_ablation_studies.py."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from pipelines.ablation import PAPER_PSNR, format_table, load_study, quantizer_label
+from pipelines.ablation import format_table, load_study, quantizer_label, variant_label
+from pipelines.ablation_page import read_discussions, results_section
+from pipelines.ablation_report import (
+    aggregate,
+    check_ordering,
+    check_orderings,
+    format_orderings,
+    format_results,
+)
 from pipelines.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "jobs" / "pvq_ablation.yaml"
+STUDIES = sorted([STUDY, *(ROOT / "jobs").glob("ablate_*.yaml")])
 
 
 def test_study_has_the_seed_variants_and_sizes():
     study = load_study(STUDY, scale="cpu")
     assert list(study.configs) == ["vq", "gvq", "lfq", "rvq", "psvq", "rvq_lfq", "pvq"]
-    assert set(study.configs) == set(PAPER_PSNR)
+    assert set(study.spec["reference"]["values"]) == set(study.configs)
+    assert study.spec["reference"]["values"]["pvq"] == "35.12 / 36.01"
     q = {k: c.model["quantizer"] for k, c in study.configs.items()}
     assert q["vq"] == {"type": "vq", "codebook_size": 4096}
     assert q["gvq"] == {"type": "gvq", "codebook_size": 4096}
@@ -29,13 +37,31 @@ def test_study_has_the_seed_variants_and_sizes():
     for name in ("lfq", "rvq_lfq", "pvq"):
         spec = q[name].get("inner", q[name])
         assert spec == {"type": "lfq", "codebook_dim": 16}
-    for name, cfg in study.configs.items():  # one folder per variant under the study's
+    for name, cfg in study.configs.items():  # one folder per variant (and seed) under the study's
         assert cfg.run.run_dir == study.folder / name
         assert cfg.model["flavour"] == "debug" and not cfg.scaling.use_gpu
+    assert study.seeds == [0, 1, 2] and study.data["out"].endswith("runs/ablation_data")
+    assert study.configs["pvq"].data.shards == (study.data["out"] + "/train-*.tar",)
     gpu = load_study(STUDY, ["train.steps=7"], scale="gpu", variants=["pvq", "vq"])
-    assert list(gpu.configs) == ["pvq", "vq"]
+    assert list(gpu.configs) == ["pvq", "vq"] and gpu.seeds == [42] and gpu.data is None
     assert all(c.scaling.use_gpu and c.train.steps == 7 for c in gpu.configs.values())
     assert gpu.configs["pvq"].model["flavour"] == "default"
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
+def test_every_study_loads_at_every_scale_with_its_orderings(path):
+    for scale in ("tiny", "cpu", "gpu"):
+        study = load_study(path, scale=scale)
+        assert study.spec.get("title") and study.spec.get("claim") and study.spec.get("source")
+        for better, worse, metric, *_ in study.spec["orderings"]:
+            assert {better, worse} <= set(study.configs) and metric.startswith(("eval/", "train/"))
+        if scale == "tiny":  # what the tests run: one seed, a few steps, one process
+            assert study.seeds == [0] and study.spec.get("parallel", 1) == 1
+            assert all(c.train.steps <= 4 for c in study.configs.values())
+        if scale == "cpu":
+            assert len(study.seeds) >= 3 and study.data is not None
+        labels = {variant_label(c) for c in study.configs.values()}
+        assert len(labels) == len(study.configs)  # the second column tells the rows apart
 
 
 def test_study_errors_name_the_problem(tmp_path):
@@ -49,79 +75,139 @@ def test_study_errors_name_the_problem(tmp_path):
     )
     with pytest.raises(ConfigError, match="variant 'vq'.*codebook_sise"):
         load_study(bad)
+    with pytest.raises(ConfigError, match="unknown ablation key.*seedz"):
+        load_study(STUDY, ["ablation.seedz=[1]"])
+    with pytest.raises(ConfigError, match="'psvqq' is not a variant"):
+        load_study(STUDY, ["ablation.orderings=[[pvq, psvqq, eval/psnr, true]]"])
+    with pytest.raises(ConfigError, match="list of integers"):
+        load_study(STUDY, ["ablation.seeds=[a]"])
 
 
-def test_variant_with_more_than_a_quantizer(tmp_path):
+def test_variants_overrides_and_sections(tmp_path):
     path = tmp_path / "study.yaml"
     path.write_text(
-        "ablation:\n  study: s\n  variants:\n"
+        "ablation:\n  study: s\n  seeds: [3, 4]\n  data: {out: d}\n  variants:\n"
         "    wide: {quantizer: {type: vq, codebook_size: 64}, model.latent_dim: 32}\n"
+        "    nofft: {model.use_fft: false}\n"
+        "    img: {model: {type: image_tokenizer, flavour: vqvae_debug}}\n"
+        "  scales: {small: {ablation.seeds: [9], train.steps: 3}}\n"
         "model: {type: pvqvae, flavour: debug}\n"
+        "data: {shards: ['{data}/train-*.tar']}\n"
+        "train: {eval_shards: ['{data}/val-*.tar']}\n"
     )
-    cfg = load_study(path).configs["wide"]
+    study = load_study(path)
+    cfg = study.configs["wide"]
     assert cfg.model["latent_dim"] == 32 and cfg.model["quantizer"]["codebook_size"] == 64
+    assert study.configs["nofft"].model == {"type": "pvqvae", "flavour": "debug", "use_fft": False}
+    assert study.configs["img"].model == {"type": "image_tokenizer", "flavour": "vqvae_debug"}
+    assert study.seeds == [3, 4]
+    assert cfg.data.shards == (str(Path("d").resolve() / "train-*.tar"),)
+    assert cfg.train.eval_shards == (str(Path("d").resolve() / "val-*.tar"),)
+    small = load_study(path, ["ablation.data.out=/tmp/x"], scale="small")
+    assert small.seeds == [9] and small.configs["img"].train.steps == 3
+    assert small.configs["img"].data.shards == ("/tmp/x/train-*.tar",)
+    assert load_study(path, ["ablation.seeds=[1]"], scale="small").seeds == [1]  # CLI last
+    assert variant_label(study.configs["nofft"]).endswith("w/o FFT")
+
+
+# --- the table and the orderings, on fixed numbers ---------------------------------------
+
+
+def _run(variant, seed, psnr, mse=None, error=None, seconds=10.0):
+    metrics = {"eval/psnr": psnr} if psnr is not None else {}
+    if mse is not None:
+        metrics["eval/mse"] = mse
+    row = {"variant": variant, "seed": seed, "quantizer": f"q-{variant}", "steps": 2,
+           "seconds": seconds, "metrics": metrics}  # fmt: skip
+    return row | ({"error": error} if error else {})
+
+
+RUNS = [
+    _run("a", 0, 30.0, 0.010), _run("a", 1, 31.0, 0.012), _run("a", 2, 32.0, 0.011),
+    _run("b", 0, 28.0, 0.020), _run("b", 1, 29.5, 0.030), _run("b", 2, 29.0, 0.025),
+    _run("c", 0, 30.5, 0.013), _run("c", 1, 33.0, 0.009), _run("c", 2, 29.9, 0.012),
+    _run("d", 0, None, error="RuntimeError: boom | bad"), _run("e", 0, 35.0, 0.001),
+]  # fmt: skip
+
+
+def test_aggregate_over_seeds():
+    summary = {r["variant"]: r for r in aggregate(RUNS)}
+    assert list(summary) == ["a", "b", "c", "d", "e"]
+    a = summary["a"]["stats"]["eval/psnr"]
+    assert (a["mean"], a["min"], a["max"], a["n"]) == (31.0, 30.0, 32.0, 3)
+    assert a["std"] == pytest.approx(1.0)  # sample std of 30, 31, 32
+    assert summary["a"]["seeds"] == [0, 1, 2] and summary["a"]["seconds"] == 10.0
+    assert summary["d"]["stats"] == {} and summary["d"]["errors"] == ["RuntimeError: boom | bad"]
+    assert summary["e"]["stats"]["eval/psnr"]["std"] == 0.0
 
 
 def test_table_on_fixed_numbers():
-    rows = [
-        {"variant": "vq", "quantizer": "vq K=4096", "steps": 2, "seconds": 12.4,
-         "metrics": {"eval/psnr": 21.234, "eval/ssim": 0.61234, "eval/quantizer_usage": 0.25,
-                     "eval/bits_per_token": 12.0}},
-        {"variant": "pvq", "quantizer": "pyramid(lfq d=16) ×3", "steps": 2, "seconds": 20.0,
-         "metrics": {"eval/psnr": 23.5, "eval/ssim": 0.7, "eval/quantizer_usage": 0.125,
-                     "eval/bits_per_token": 21.0}},
-        {"variant": "mine", "quantizer": "fsq", "error": "RuntimeError: boom | bad"},
-    ]  # fmt: skip
-    assert format_table(rows) == (
-        "| variant | quantizer | PSNR dB | SSIM | usage | bits/token "
-        "| paper PSNR (COCO / WebVid) | steps | time s | status |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
-        "| vq | vq K=4096 | 21.23 | 0.6123 | 0.250 | 12.00 | 31.45 / 32.91 | 2 | 12 | ok |\n"
-        "| pvq | pyramid(lfq d=16) ×3 | 23.50 | 0.7000 | 0.125 | 21.00 | 35.12 / 36.01 "
-        "| 2 | 20 | ok |\n"
-        "| mine | fsq | — | — | — | — | — | — | — | failed: RuntimeError: boom / bad |\n"
-    )
-    with_lpips = format_table([{"variant": "x", "metrics": {"eval/lpips": 0.0712}}])
-    assert "| LPIPS |" in with_lpips and "0.0712" in with_lpips and "paper" not in with_lpips
+    summary = aggregate(RUNS)
+    reference = {"title": "paper PSNR", "values": {"a": "31.45", "b": "30.00"}}
+    table = format_table(summary, ["eval/psnr", "eval/ssim", "eval/mse"], reference)
+    assert table.splitlines() == [
+        "| variant | quantizer | PSNR dB | MSE | paper PSNR | seeds | steps | time s | status |",
+        "|---|---|---|---|---|---|---|---|---|",
+        "| a | q-a | 31.00 ± 1.00 | 0.01100 ± 0.00100 | 31.45 | 3 | 2 | 10 | ok |",
+        "| b | q-b | 28.83 ± 0.76 | 0.02500 ± 0.00500 | 30.00 | 3 | 2 | 10 | ok |",
+        "| c | q-c | 31.13 ± 1.64 | 0.01133 ± 0.00208 | — | 3 | 2 | 10 | ok |",
+        "| d | q-d | — | — | — | 0 | 2 | 10 | failed ×1: RuntimeError: boom / bad |",
+        "| e | q-e | 35.00 | 0.00100 | — | 1 | 2 | 10 | ok |",
+    ]  # SSIM: no row has it, no column; one seed: no spread shown
+    assert "paper" not in format_table(summary, ["eval/psnr"])
+
+
+def test_ordering_verdicts_on_fixed_numbers():
+    s = aggregate(RUNS)
+    yes = check_ordering(s, "a", "b", "eval/psnr", True)  # a: 30-32, b: 28-29.5
+    assert yes["verdict"] == "yes" and yes["direction"] == "agrees"
+    assert yes["gap"] == pytest.approx(31.0 - 28.8333333) and yes["spread"] == 2.0
+    assert check_ordering(s, "b", "a", "eval/psnr")["verdict"] == "no"  # reversed beyond spread
+    overlap = check_ordering(s, "c", "a", "eval/psnr")  # c: 29.9-33 overlaps a: 30-32
+    assert overlap["verdict"] == "inconclusive" and overlap["direction"] == "agrees"
+    lower = check_ordering(s, "a", "b", "eval/mse", False)  # a: 0.010-0.012 < b: 0.020-0.030
+    assert lower["verdict"] == "yes" and lower["gap"] > 0
+    assert check_ordering(s, "b", "a", "eval/mse", False)["verdict"] == "no"
+    one_seed = check_ordering(s, "e", "a", "eval/psnr")  # e beats every a, but one seed
+    assert one_seed["verdict"] == "inconclusive" and one_seed["direction"] == "agrees"
+    assert check_ordering(s, "d", "a", "eval/psnr")["verdict"] == "not run"  # failed
+    assert check_ordering(s, "a", "zz", "eval/psnr")["verdict"] == "not run"  # not selected
+    assert check_ordering(s, "a", "b", "eval/lpips")["verdict"] == "not run"  # no metric
+    checks = check_orderings(s, [["a", "b", "eval/psnr", True], ["a", "b", "eval/mse", False]])
+    assert format_orderings(checks).splitlines()[2:] == [
+        "| a > b | PSNR dB ↑ | 31.00 | 28.83 | 2.17 | 2.00 | agrees | yes |",
+        "| a > b | MSE ↓ | 0.01100 | 0.02500 | 0.01400 | 0.01000 | agrees | yes |",
+    ]
+
+
+def test_results_page_and_section_on_fixed_numbers():
+    summary = aggregate(RUNS[:6])
+    result = {"summary": summary, "runs": RUNS[:6], "columns": ["eval/psnr"], "scale": "cpu",
+              "seeds": [0, 1, 2], "device": "CPU, 2 cores", "command": "vqtok ablate x.yaml",
+              "orderings": check_orderings(summary, [["a", "b", "eval/psnr", True]]),
+              "data": {"train": {"sources": 18, "samples": 208, "images": 128, "videos": 80,
+                                 "frames": 1946, "MB": 6.0}}}  # fmt: skip
+    text = format_results(result)
+    assert "| a | q-a | 31.00 ± 1.00 |" in text and "| a > b | PSNR dB ↑ |" in text
+    assert "| a seed=1 | 31.00 | 10 | ok |" in text  # every run, behind the spread
+    assert "- command: `vqtok ablate x.yaml`" in text and "train 18 sources, 208 samples" in text
+    study = {"title": "T", "source": "seed 9, Tab. 1", "claim": "a beats b.",
+             "orderings": [["a", "b", "eval/psnr", True], ["a", "b", "eval/mse", False]],
+             "command": "vqtok ablate x.yaml --local"}  # fmt: skip
+    pending = results_section(study, None)
+    assert pending.startswith("## T\n") and "**Claim** (seed 9, Tab. 1): a beats b." in pending
+    assert "a > b on PSNR dB, a > b on MSE (lower is better)" in pending
+    assert "not yet run at cpu scale" in pending and "| a |" not in pending
+    done = results_section({**study, "study": "s"}, result, "Ours agrees: b is smaller.")
+    assert "| a | q-a | 31.00 ± 1.00 |" in done
+    page = f"# R\n\n{done}\n## Other\n"
+    assert read_discussions(page) == {"s": "Ours agrees: b is smaller."}  # kept on rewrite
 
 
 def test_quantizer_labels():
     assert quantizer_label({"type": "vq", "codebook_size": 4096}) == "vq K=4096"
     assert quantizer_label({"type": "rvq", "num_quantizers": 3,
                             "inner": {"type": "vq", "codebook_size": 8000}}) == "rvq(vq K=8000) ×3"  # fmt: skip
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_tiny_study_runs_and_nests_in_mlflow(tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    from pipelines.demo_data import make_demo_data
-
-    make_demo_data(tmp_path / "demo", crops_per_photo=1, clips_per_photo=1, max_count=8)
-    cmd = [
-        str(Path(sys.executable).parent / "vqtok"), "ablate", str(STUDY),
-        "train.steps=2", "train.log_every=1", "train.eval_batches=1",
-        f"data.shards=[{tmp_path}/demo/train-*.tar]",
-        f"train.eval_shards=[{tmp_path}/demo/val-*.tar]",
-        f"run.storage={tmp_path}/runs", "--variants", "vq,pvq", "--local",
-    ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=800)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    folder = tmp_path / "runs" / "pvq_ablation"
-    table = (folder / "results.md").read_text()
-    assert "| vq | vq K=4096 |" in table and "| pvq | pyramid(lfq d=16) ×3 |" in table
-    rows = json.loads((folder / "results.json").read_text())
-    assert [r["variant"] for r in rows] == ["vq", "pvq"]
-    assert all(r["metrics"]["eval/psnr"] > 0 and not r.get("error") for r in rows)
-    assert all((folder / v / "step_00000002").is_dir() for v in ("vq", "pvq"))
-
-    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("pvq-ablation").experiment_id])
-    by_name = {r.info.run_name: r for r in runs}
-    parent = by_name["pvq_ablation"]
-    assert {by_name[v].data.tags.get("mlflow.parentRunId") for v in ("vq", "pvq")} == {
-        parent.info.run_id
-    }
-    assert parent.info.status == "FINISHED" and "pvq/psnr" in parent.data.metrics
-    assert "results.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert quantizer_label({"type": "looc", "codebook_size": 64, "codebook_dim": 4,
+                            "alpha": 2}) == "looc K=64 d=4 α=2"  # fmt: skip
+    assert quantizer_label({"type": "hrvq", "codebook_size": 16, "num_layers": 3}) == "hrvq K=16 ×3"
