@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/vqtok demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=12
 
 lint: $(STAMP)
 	$(BIN)/ruff check vqcore pipelines tests benchmarks

@@ -39,14 +39,16 @@ def logged(tmp_path_factory):
         out = export_model(model, cfg, root / "model", {"run_id": run_id},
                            data_cfg={"resolutions": [[32, 32]], "frame_counts": [4]})  # fmt: skip
         tracker.log_artifact(out, "model")
-    mlflow.set_tracking_uri(uri)
-    version = mlflow.register_model(f"runs:/{run_id}/model", "tiny-pvq").version
+    with pytest.MonkeyPatch.context() as mp:  # not mlflow.set_tracking_uri: it would leak
+        mp.setenv("MLFLOW_TRACKING_URI", uri)  # into later tests' default store
+        version = mlflow.register_model(f"runs:/{run_id}/model", "tiny-pvq").version
     return {"uri": uri, "run_id": run_id, "dir": root / "model", "version": version}
 
 
-def test_model_loads_from_every_source(logged):
+def test_model_loads_from_every_source(logged, monkeypatch):
     import mlflow.pyfunc
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", logged["uri"])
     by_run = load_model(f"runs:/{logged['run_id']}/model")
     by_name = load_model(f"models:/tiny-pvq/{logged['version']}")
     by_dir = load_model(logged["dir"])
@@ -63,7 +65,10 @@ def test_model_loads_from_every_source(logged):
         load_model(logged["dir"].parent / "nothing-here")
 
 
-def test_tokenize_with_two_actors_resumes_and_detokenizes(files, logged, ray_local, tmp_path):
+def test_tokenize_with_two_actors_resumes_and_detokenizes(
+    files, logged, ray_local, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", logged["uri"])
     loaded = load_model(f"runs:/{logged['run_id']}/model")
     out = tmp_path / "tokens"
     manifest = tokenize(loaded, files, out, DATA, actors=2)
