@@ -66,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
         f"--data {data}/val-*.tar)"
     )
     print(
+        f"Model:        {cfg.run.run_dir}/model  (MLflow artifact model/; vqtok tokenize "
+        f"--model {cfg.run.run_dir} --data {data}/val-*.tar --out tokens)"
+    )
+    print(
         f"MLflow UI:    .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000"
         "   then open http://127.0.0.1:5000"
     )
