@@ -72,8 +72,11 @@ def export_model(
 ) -> Path:
     """Write `out/` as an MLflow pyfunc model folder (replacing an older export); the
     training data section goes beside it as the default decode settings of tokenize/eval."""
+    import os
+
     import mlflow.pyfunc
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one per file
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ident = {**(identity or {}), "config_hash": config_hash(model_cfg),
              "weights_hash": weights_hash(state)}  # fmt: skip

@@ -19,6 +19,7 @@ import functools
 import json
 import os
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -151,8 +152,19 @@ class RaySession:
         import ray.train
 
         found = ray.train.get_checkpoint()
-        # the merged checkpoint (every rank's shards): ZeRO-2 needs it, a rank-local one fails
-        return Path(found.to_directory()) if found is not None else None
+        if found is None:
+            return None
+        # the merged checkpoint (every rank's shards): ZeRO-2 needs it, a rank-local one fails.
+        # On a local or mounted filesystem it is read in place; otherwise each rank downloads
+        # it into its own folder: `to_directory()` without a path gives every rank on a node
+        # the same temporary folder, and one rank's copy then overwrote files another was
+        # reading (a corrupt `ema.pt` after a worker restart, seen in CI).
+        import pyarrow.fs
+
+        if isinstance(found.filesystem, pyarrow.fs.LocalFileSystem) and Path(found.path).is_dir():
+            return Path(found.path)
+        target = tempfile.mkdtemp(prefix=f"vqtok-restore-rank{self.rank}-")
+        return Path(found.to_directory(target))
 
     def report(self, metrics: dict, checkpoint: Path | None) -> None:
         import ray.train
