@@ -123,14 +123,14 @@ def run_extra_metrics(cfg, run_dir) -> dict[str, float]:
     """`extra_metrics` of a finished run: its newest checkpoint's EMA model on the run's
     validation batches (`train.eval_shards`, `train.eval_batches`), on CPU or the GPU."""
     from pipelines import checkpoint as ckpt
-    from pipelines.evaluate import load_for_eval
+    from pipelines.model_store import load_model
     from pipelines.train import _eval_stream
 
     found = ckpt.latest(run_dir)
     if found is None:
         return {}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = load_for_eval(found, device)
+    model = load_model(found).model.to(device)
     video = cfg.model.get("type") == "pvqvae"
     return extra_metrics(model, _eval_stream(cfg), device, video=video,
                          max_batches=cfg.train.eval_batches)  # fmt: skip

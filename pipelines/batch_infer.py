@@ -111,19 +111,19 @@ def _ray_decode_shard(batch: dict, cfg: DataConfig) -> Iterator[dict]:
 
 
 class InferenceActor:
-    """Holds one model; `__call__` maps one decoded-batch row to a payload row."""
+    """Holds one model; `__call__` maps one decoded-batch row to a payload row. Ray builds
+    it from a model config and state dict (`fn_constructor_kwargs`); `plain_rows` hands it
+    a model already loaded (`model=`)."""
 
-    def __init__(self, model_cfg: dict, state, task: str, use_gpu: bool = False):
-        import ray
-
+    def __init__(self, model_cfg: dict, state=None, task: str = "tokenize",
+                 use_gpu: bool = False, model=None):  # fmt: skip
         from vqcore.models import build_model
 
-        if isinstance(state, ray.ObjectRef):
-            state = ray.get(state)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = build_model(model_cfg)
-        self.model.load_state_dict(state)
-        self.model.to(self.device).eval()
+        if model is None:
+            model = build_model(model_cfg)
+            model.load_state_dict(state)
+        self.model = model.to(self.device).eval()
         self.video, self.task = model_cfg.get("type") == "pvqvae", task
 
     def __call__(self, batch: dict) -> dict:
@@ -241,9 +241,7 @@ def infer(loaded, shards: list[str], cfg: DataConfig, task: str, actors: int = 2
 
 def plain_rows(loaded, shards: list[str], cfg: DataConfig, task: str) -> Iterator[dict]:
     """The same rows in this process, no Ray."""
-    actor = InferenceActor.__new__(InferenceActor)
-    actor.model, actor.task = loaded.model.eval(), task
-    actor.device, actor.video = torch.device("cpu"), loaded.video
+    actor = InferenceActor(loaded.config, task=task, model=loaded.model)
     for shard in shards:
         for row in decode_shard(shard, cfg):
             out = actor(row)

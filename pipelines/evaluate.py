@@ -273,12 +273,3 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(metrics, indent=1))
     print(f"[vqtok] eval results in {out} (MLflow run {tracker.run_id})")
     return 0
-
-
-def load_for_eval(path: Path, device: torch.device) -> tuple[nn.Module, dict]:
-    """The EMA model of a run, checkpoint or model folder and its config sections (`model`,
-    and `data` when known); see `pipelines.model_store.load_model` for every source."""
-    from pipelines.model_store import load_model
-
-    loaded = load_model(path)
-    return loaded.model.to(device), {"model": loaded.config, "data": loaded.data or {}}
