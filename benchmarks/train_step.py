@@ -4,6 +4,8 @@
         --frames 16 --size 256x256 --dtypes bf16 --compile off,on
     python benchmarks/train_step.py --device cpu --models pvqvae:debug,image_tokenizer:vqvae_debug \
         --frames 4 --size 32x32 --iters 3
+    python benchmarks/train_step.py --device cuda --models pvqvae:default --batch 4 --frames 16 \
+        --grad-checkpoint --channels-last --fused-optim --compile on --profile runs/prof
 
 Per case (model × dtype × compile) one JSON line: median/p90 ms per step, clips/s, peak
 memory, FLOPs per step (torch.utils.flop_counter.FlopCounterMode over one eager step:
@@ -13,7 +15,12 @@ the generator loss of `vqcore.losses.TokenizerLoss` (L1 + quantizer + GAN with V
 weight; no LPIPS) and an Adam step, then the discriminator's hinge loss and Adam step. The
 discriminator (`vqcore.models.discriminator`) and the losses are imported lazily: without
 them the step is L1 + quantizer loss only. bf16 = autocast with fp32 weights.
-Runs with torch alone, on CUDA or CPU.
+Options the issue's MFU work asks for: `--grad-checkpoint` (every ResBlock recomputed in
+backward), `--channels-last` (channels_last(_3d) weights and input), `--fused-optim` (Adam's
+fused kernel), `--profile DIR` (torch.profiler over 3 steps: a Chrome trace in DIR and the
+top operators by self time in the JSON line). The quantizer's NaN check (a host sync) is off
+(VQCORE_CHECK_FINITE=0), as in vqtok's trainer, which checks the loss instead.
+Runs with torch alone, on CUDA or CPU. Peak memory without a GPU: `train_memory.py`.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import device_name, emit, git_rev, measure  # noqa: E402
+from benchmarks.common import device_name, emit, git_rev, measure, sync  # noqa: E402
 from vqcore.models import build_model  # noqa: E402
 
 # dense peak TFLOP/s by device-name substring (first match): bf16 tensor cores; fp32 is TF32
@@ -62,27 +70,51 @@ def make_batch(kind: str, args, device: torch.device) -> torch.Tensor:
     shape = (
         (args.batch, 3, h, w) if kind == "image_tokenizer" else (args.batch, 3, args.frames, h, w)
     )
-    return torch.rand(shape, device=device) * 2 - 1
+    x = torch.rand(shape, device=device) * 2 - 1
+    if args.channels_last:
+        x = x.contiguous(memory_format=_memory_format(kind))
+    return x
 
 
 def build_case(spec: str, args, device: torch.device):
     """(model, discriminator or None, loss or None, optimizers) for `type:flavour`."""
     kind, _, flavour = spec.partition(":")
     cfg = {"type": kind, **({"flavour": flavour} if flavour else {})}
+    if args.grad_checkpoint:
+        cfg["grad_checkpoint"] = True
     if args.quantizer:
         cfg["quantizer"] = ast.literal_eval(args.quantizer)  # a dict literal
-    model = build_model(cfg).to(device)
+    model = _on(build_model(cfg), device)
+    memory_format = _memory_format(kind) if args.channels_last else None
+    if memory_format is not None:
+        model = model.to(memory_format=memory_format)
     disc = loss = None
     disc_mod, losses = _optional("vqcore.models.discriminator"), _optional("vqcore.losses")
     if args.disc and disc_mod is not None and kind in ("image_tokenizer", "pvqvae"):
         dtype = "patch2d" if kind == "image_tokenizer" else "disc3d"
         dspec = {"type": dtype} | ({"flavour": "debug"} if flavour.endswith("debug") else {})
-        disc = disc_mod.build_discriminator(dspec).to(device)
+        disc = _on(disc_mod.build_discriminator(dspec), device)
+        if memory_format is not None:
+            disc = disc.to(memory_format=memory_format)
     if losses is not None:
-        loss = losses.TokenizerLoss(losses.TokenizerLossConfig(perceptual_weight=0.0)).to(device)
-    opt_g = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-8)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-5, betas=(0.9, 0.95)) if disc else None
+        loss = _on(losses.TokenizerLoss(losses.TokenizerLossConfig(perceptual_weight=0.0)), device)
+    fused = {"fused": True} if args.fused_optim else {}
+    opt_g = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-8, **fused)
+    opt_d = (
+        torch.optim.Adam(disc.parameters(), lr=1e-5, betas=(0.9, 0.95), **fused) if disc else None
+    )
     return kind, model, disc, loss, opt_g, opt_d
+
+
+def _on(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """module.to(device), skipped when it is there already (under FakeTensorMode `.to` of
+    fake parameters fails: "Couldn't swap")."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return module if all(t.device == device for t in tensors) else module.to(device)
+
+
+def _memory_format(kind: str) -> torch.memory_format:
+    return torch.channels_last if kind == "image_tokenizer" else torch.channels_last_3d
 
 
 def make_step(model, fwd, disc, loss, opt_g, opt_d, x, device, dtype):
@@ -113,6 +145,7 @@ def make_step(model, fwd, disc, loss, opt_g, opt_d, x, device, dtype):
 
 def run_case(spec: str, dtype: str, compiled: bool, args, device: torch.device) -> dict:
     torch.manual_seed(0)
+    case_name = f"{spec}/{dtype}/{'compiled' if compiled else 'eager'}"
     kind, model, disc, loss, opt_g, opt_d = build_case(spec, args, device)
     x = make_batch(kind, args, device)
     eager = make_step(model, model, disc, loss, opt_g, opt_d, x, device, dtype)
@@ -123,17 +156,21 @@ def run_case(spec: str, dtype: str, compiled: bool, args, device: torch.device) 
     fwd = torch.compile(model) if compiled else model
     step = make_step(model, fwd, disc, loss, opt_g, opt_d, x, device, dtype)
     timing = measure(step, device, warmup=args.warmup, iters=args.iters)
+    top_ops = profile(step, device, Path(args.profile) / case_name) if args.profile else None
     seconds = timing["ms_median"] / 1e3
     peak = peak_tflops(device, dtype, args.peak_tflops)
     achieved = flops / seconds / 1e12
     return {
         "bench": "train_step",
-        "case": f"{spec}/{dtype}/{'compiled' if compiled else 'eager'}",
+        "case": case_name,
         "model": kind,
         "device": device_name(device),
         "dtype": dtype,
         "compile": compiled,
         "discriminator": disc is not None,
+        "grad_checkpoint": args.grad_checkpoint,
+        "channels_last": args.channels_last,
+        "fused_optim": args.fused_optim,
         "shape": list(x.shape),
         "params_g": sum(p.numel() for p in model.parameters()),
         "params_d": sum(p.numel() for p in disc.parameters()) if disc else 0,
@@ -144,12 +181,35 @@ def run_case(spec: str, dtype: str, compiled: bool, args, device: torch.device) 
         "achieved_gflops": achieved * 1e3,
         "mfu": achieved / peak if peak else None,
         "peak_tflops": peak,
+        "top_ops": top_ops,
         "git_rev": git_rev(),
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def profile(step, device: torch.device, out: Path, steps: int = 3, top: int = 12) -> list[dict]:
+    """torch.profiler over `steps` steps: a Chrome trace in `out`; the `top` operators by self
+    time (device time on CUDA) as [{op, calls, self_ms_per_step}]."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    out.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(out / "trace.json"))
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    return [
+        {"op": e.key, "calls": e.count // steps, "self_ms_per_step": getattr(e, attr) / 1e3 / steps}
+        for e in events[:top]
+    ]
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The step's options (shared with `train_memory.py`)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--models",
@@ -163,18 +223,34 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtypes", default="bf16", help="comma list of fp32, bf16")
     p.add_argument("--compile", default="off", help="comma list of off, on")
     p.add_argument("--no-disc", dest="disc", action="store_false")
+    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing")
+    p.add_argument("--channels-last", action="store_true", help="channels_last(_3d) layout")
+    p.add_argument("--fused-optim", action="store_true", help="Adam(fused=True)")
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    args.size = tuple(int(v) for v in args.size.lower().split("x"))
+    os.environ.setdefault("VQCORE_CHECK_FINITE", "0")
+    for dtype in args.dtypes.split(","):
+        if dtype not in ("fp32", "bf16"):
+            raise SystemExit(f"--dtypes: unknown dtype {dtype!r} (fp32, bf16)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--profile", default=None, help="folder for a torch.profiler trace per case")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
-    args = p.parse_args(argv)
-    args.size = tuple(int(v) for v in args.size.lower().split("x"))
+    args = parse(p, argv)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     for spec in args.models.split(","):
         for dtype in args.dtypes.split(","):
-            if dtype not in ("fp32", "bf16"):
-                raise SystemExit(f"--dtypes: unknown dtype {dtype!r} (fp32, bf16)")
             for c in args.compile.split(","):
                 emit(run_case(spec, dtype, c == "on", args, device))
 

@@ -129,3 +129,37 @@ def test_unknown_type_and_key_are_named():
         build({"type": "nope", "dim": 8})
     with pytest.raises(ValueError, match="codebook_sise"):
         build({"type": "vq", "dim": 8, "codebook_sise": 3})
+
+
+def test_finite_check_can_be_turned_off(family, monkeypatch):
+    """VQCORE_CHECK_FINITE=0 drops the host-syncing NaN test: the caller checks (vqtok's
+    trainer tests the latents before the quantizer); what a NaN then does is family-specific
+    (FSQ's codes index out of range)."""
+    q = build({"type": family, "dim": 8})
+    monkeypatch.setenv("VQCORE_CHECK_FINITE", "0")
+    try:
+        q(torch.full((2, 8, 4, 4), float("nan")))
+    except Exception as exc:  # noqa: BLE001 - any failure but the check's own
+        assert "NaN or inf" not in str(exc)
+    monkeypatch.setenv("VQCORE_CHECK_FINITE", "1")
+    with pytest.raises(ValueError, match="NaN"):
+        q(torch.full((2, 8, 4, 4), float("nan")))
+
+
+@pytest.mark.parametrize("n, k", [(1, 4), (500, 7), (4096, 65536)])
+def test_sync_free_code_statistics_equal_unique_and_bincount(n, k):
+    """run_lengths and CodeUsage.histogram: fixed-size, sync-free versions of
+    torch.unique(return_counts) and bincount, equal to them."""
+    from vqcore.quantizers.base import CodeUsage, run_lengths
+
+    g = torch.Generator().manual_seed(n)
+    codes = torch.randint(0, k, (n,), generator=g)
+    counts = run_lengths(codes)
+    assert counts.shape == (n,)
+    expected = torch.unique(codes, return_counts=True)[1].float()
+    assert torch.equal(counts[: expected.numel()], expected)
+    assert (counts[expected.numel() :] == 0).all()
+    groups = torch.randint(0, 3, (n,), generator=g)
+    usage = CodeUsage(k, num_codebooks=3)
+    want = torch.bincount(codes + groups * k, minlength=3 * k).view(3, k).float()
+    assert torch.equal(usage.histogram(codes, groups), want)

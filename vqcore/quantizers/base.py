@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,6 +24,18 @@ from torch import nn
 from vqcore.ops import all_reduce_sum_
 
 Codes = torch.Tensor | tuple[torch.Tensor, ...]
+
+CHECK_FINITE_ENV = "VQCORE_CHECK_FINITE"
+
+
+def check_finite_enabled() -> bool:
+    """Whether `check_input` tests z for NaN/inf: on unless VQCORE_CHECK_FINITE=0 (read at
+    every call), and never while torch.compile traces. The test reads z back on the host,
+    one sync per forward on a GPU: benchmarks, and trainers that check their loss
+    themselves (vqtok's objectives do), turn it off."""
+    if os.environ.get(CHECK_FINITE_ENV, "1").strip() == "0":
+        return False
+    return not torch.compiler.is_compiling()
 
 
 @dataclass
@@ -79,6 +92,19 @@ def straight_through(z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
 # --- code usage: histogram counters, synced across ranks -----------------------------------
 
 
+def run_lengths(codes_n: torch.Tensor) -> torch.Tensor:
+    """(N,) float counts of each distinct code in `codes_n` followed by zeros: the counts of
+    torch.unique(return_counts=True) in a fixed-size tensor, with no host sync (for code
+    spaces too large for a histogram, e.g. LFQ with 2^16 codes and more)."""
+    flat = codes_n.reshape(-1)
+    s = flat.sort().values
+    starts = torch.ones_like(s, dtype=torch.bool)
+    starts[1:] = s[1:] != s[:-1]
+    run = starts.cumsum(0) - 1  # index of each token's run
+    counts = torch.zeros(flat.numel(), device=flat.device)
+    return counts.scatter_add_(0, run, torch.ones_like(counts))
+
+
 class CodeUsage(nn.Module):
     """Per-code counts of G codebooks of K codes, accumulated over calls.
 
@@ -102,8 +128,11 @@ class CodeUsage(nn.Module):
         flat = codes_n.reshape(-1)
         if group_n is not None:
             flat = flat + group_n.reshape(-1) * self.num_codes
-        hist = torch.bincount(flat, minlength=self.num_codebooks * self.num_codes)
-        hist = hist.view(self.num_codebooks, self.num_codes).to(self.counts.dtype)
+        # scatter_add into a fixed size, not bincount: bincount's size depends on the data,
+        # a host sync on CUDA and a graph break under torch.compile
+        hist = self.counts.new_zeros(self.num_codebooks * self.num_codes)
+        hist.scatter_add_(0, flat, torch.ones_like(flat, dtype=hist.dtype))
+        hist = hist.view(self.num_codebooks, self.num_codes)
         return all_reduce_sum_(hist) if sync else hist
 
     @torch.no_grad()
@@ -215,7 +244,7 @@ class Quantizer(nn.Module):
             raise ValueError(
                 f"{name}: expected {self.dim} channels in a {expected}, got shape {tuple(z.shape)}"
             )
-        if not torch.isfinite(z).all():
+        if check_finite_enabled() and not torch.isfinite(z).all():
             raise ValueError(f"{name}: input contains NaN or inf (shape {tuple(z.shape)})")
 
     # -- export

@@ -48,6 +48,7 @@ from vqcore.quantizers.base import (
     Quantizer,
     QuantizerConfig,
     from_tokens,
+    run_lengths,
     straight_through,
     to_tokens,
 )
@@ -172,11 +173,11 @@ class LookupFreeQuantizer(Quantizer):
             return CodeUsage.stats(self.usage.update(codes_n, sync=self.training))
         bit = torch.arange(self.codebook_dim, device=codes_n.device).expand_as(positive_nd)
         self.usage.update(positive_nd.long(), bit, sync=self.training)
-        counts = torch.unique(codes_n, return_counts=True)[1].float()
+        counts = run_lengths(codes_n)
         p = counts / counts.sum()
         return {
-            "usage": torch.tensor(counts.numel() / 2.0**self.codebook_dim),
-            "perplexity": (-(p * p.log()).sum()).exp(),
+            "usage": (counts > 0).sum() / 2.0**self.codebook_dim,
+            "perplexity": (-(p * p.clamp_min(1e-12).log()).sum()).exp(),
             "usage_per_bit_only": torch.tensor(1.0),
         }
 

@@ -1,0 +1,64 @@
+"""Activation checkpointing of the conv tokenizers (issue 8): same gradients, less memory.
+
+Memory is measured by `benchmarks/train_memory.py` (fake tensors under torch's MemTracker),
+the same estimator BENCHMARKS.md reports for the full-size model."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vqcore.models import build_model
+
+SPECS = {
+    "pvqvae": ({"type": "pvqvae", "flavour": "debug"}, (2, 3, 4, 16, 16)),
+    "image": ({"type": "image_tokenizer", "flavour": "vqvae_debug"}, (2, 3, 16, 16)),
+}
+
+
+def _grads(spec, shape, grad_checkpoint, dropout=0.0):
+    torch.manual_seed(0)
+    model = build_model({**spec, "grad_checkpoint": grad_checkpoint, "dropout": dropout})
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    torch.manual_seed(2)  # dropout masks
+    x_hat, q = model(x)
+    (F.mse_loss(x_hat, x) + q.loss).backward()
+    return x_hat.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_checkpointing_keeps_outputs_and_gradients(name, dropout):
+    spec, shape = SPECS[name]
+    out0, g0 = _grads(spec, shape, False, dropout)
+    out1, g1 = _grads(spec, shape, True, dropout)
+    assert torch.equal(out0, out1)
+    assert g0.keys() == g1.keys() and len(g0) > 10
+    for n in g0:  # recomputation replays the same kernels (and dropout's RNG state)
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_checkpointing_is_off_in_eval_and_no_grad():
+    spec, shape = SPECS["pvqvae"]
+    model = build_model({**spec, "grad_checkpoint": True}).eval()
+    with torch.no_grad():
+        x_hat, _ = model(torch.zeros(shape))
+    assert x_hat.shape == shape and not x_hat.requires_grad
+
+
+def test_memory_estimate_shows_checkpointing_saves_activations():
+    from benchmarks.train_memory import estimate
+    from benchmarks.train_step import parse, parser
+
+    args = parse(parser("t"), ["--models", "pvqvae:debug", "--frames", "4", "--size", "32x32",
+                               "--no-disc"])  # fmt: skip
+    peaks = {}
+    for on in (False, True):
+        args.grad_checkpoint = on
+        est = estimate("pvqvae:debug", "bf16", args)
+        assert est["shape"] == [1, 3, 4, 32, 32]
+        b = est["bytes"]
+        # weights, gradients and Adam's two moments are all there (fp32, 4 B a parameter)
+        assert b["parameter"] >= 4 * est["params_g"] and b["optstate"] >= 8 * est["params_g"]
+        peaks[on] = b
+    assert peaks[True]["activation"] < 0.6 * peaks[False]["activation"]
+    assert peaks[True]["total"] < peaks[False]["total"]
