@@ -75,11 +75,17 @@ class GumbelQuantizer(Quantizer):
     def temperature(self) -> float:
         return self.temperature_at(int(self.step))
 
+    def _temperature_now(self) -> torch.Tensor:
+        """τ(step) computed on the step buffer's device: no host read in the forward."""
+        c = self.config
+        tau = c.temperature * torch.exp(-c.anneal_rate * self.step.double())
+        return tau.clamp_min(c.min_temperature).float()
+
     def quantize(self, z: torch.Tensor) -> Quantized:
         x, spatial = to_tokens(z)
         logits = self.proj(x)  # π (N, K)
         embed = self.codebook.weight[0]  # E (K, C)
-        tau = self.temperature
+        tau = self._temperature_now()
         if self.training:
             # eq. 1-2 (hard=True: straight-through Gumbel-softmax, sec. 2.2)
             y = F.gumbel_softmax(logits, tau=tau, hard=self.config.straight_through, dim=-1)
@@ -92,7 +98,7 @@ class GumbelQuantizer(Quantizer):
         log_q = F.log_softmax(logits.float(), dim=-1)
         kl = (log_q.exp() * (log_q + math.log(self.config.codebook_size))).sum(-1).mean()
         hist = self.usage.update(codes, sync=self.training)
-        metrics = {**self.usage.stats(hist), "kl": kl.detach(), "temperature": torch.tensor(tau)}
+        metrics = {**self.usage.stats(hist), "kl": kl.detach(), "temperature": tau}
         return Quantized(
             from_tokens(x_q, spatial), codes.view(spatial), self.config.kl_weight * kl, metrics
         )
