@@ -3,6 +3,8 @@
     python benchmarks/train_memory.py --models pvqvae:default --batch 4 --frames 16 \
         --size 256x256 --dtypes bf16 --checkpointing off,on
     python benchmarks/train_memory.py --models pvqvae:default --batch 1 --frames 96 --checkpointing on
+    python benchmarks/train_memory.py --models pvqvae:default --frames 16 --size 64x64 \
+        --dtypes fp32 --checkpointing off --real
 
 The step is `train_step.py`'s (generator loss and Adam step, then the discriminator's), run
 twice under `torch._subclasses.FakeTensorMode` (no tensor data is allocated, so a 96-frame
@@ -14,12 +16,16 @@ temporaries. The second step counts: it is the first with Adam's moments alive.
 What it is and is not: live tensor bytes rounded up to 512 B blocks, as the CUDA caching
 allocator rounds them; not allocator fragmentation or cached free blocks, cuDNN/cuBLAS
 workspaces, or the CUDA context (~0.5 GiB). Read it as a lower bound of
-`torch.cuda.max_memory_allocated` and check it on the GPU with `train_step.py`. One JSON
-line per case (model × dtype × checkpointing).
+`torch.cuda.max_memory_allocated` and check it on the GPU with `train_step.py`. Without a
+GPU, `--real` runs the same steps on real CPU tensors and reports the growth of the
+process's max RSS beside the tracker's peak (one case per process, run it at a size that
+fits in RAM). One JSON line per case (model × dtype × checkpointing).
 """
 
 from __future__ import annotations
 
+import contextlib
+import resource
 import sys
 import time
 from pathlib import Path
@@ -48,10 +54,12 @@ class StepMemTracker(MemTracker):
             pass
 
 
-def estimate(spec: str, dtype: str, args, steps: int = 2) -> dict:
-    """Peak of `steps` training steps of `spec` under fake tensors: {total, by kind} bytes."""
+def estimate(spec: str, dtype: str, args, steps: int = 2, fake: bool = True) -> dict:
+    """Peak of `steps` training steps of `spec` under fake tensors: {total, by kind} bytes.
+    `fake=False` runs the same steps on real CPU tensors and adds the growth of the process's
+    max RSS over the steps (`rss_growth`): a check of the tracker that does not rely on it."""
     device = torch.device("cpu")  # fake: shapes and dtypes only, nothing is computed
-    with FakeTensorMode():
+    with FakeTensorMode() if fake else contextlib.nullcontext():
         kind, model, disc, loss, opt_g, opt_d = build_case(spec, args, device)
         x = make_batch(kind, args, device)
         step = make_step(model, model, disc, loss, opt_g, opt_d, x, device, dtype)
@@ -63,33 +71,46 @@ def estimate(spec: str, dtype: str, args, steps: int = 2) -> dict:
         for module in (model, disc):
             if module is not None:
                 tracker._track_module_params_and_buffers(module, install_grad_hooks=True)
+        rss0 = _max_rss()
         with tracker:
             for _ in range(steps):
                 step()
                 tracker.reset_mod_stats()  # per-module stats are per step; the peak is kept
         peak = tracker.get_tracker_snapshot("peak")[device]
     by_kind = {str(k.value if hasattr(k, "value") else k).lower(): int(v) for k, v in peak.items()}
-    return {"shape": list(x.shape), "params_g": sum(p.numel() for p in model.parameters()),
-            "bytes": by_kind}  # fmt: skip
+    out = {"shape": list(x.shape), "params_g": sum(p.numel() for p in model.parameters()),
+           "bytes": by_kind}  # fmt: skip
+    if not fake:
+        out["rss_growth"] = _max_rss() - rss0
+    return out
+
+
+def _max_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__.splitlines()[0])
     p.set_defaults(device="cpu")
     p.add_argument("--checkpointing", default="off,on", help="comma list of off, on")
+    p.add_argument(
+        "--real", action="store_true", help="real CPU tensors (one case per process: max RSS)"
+    )
     args = parse(p, argv)
     for spec in args.models.split(","):
         for dtype in args.dtypes.split(","):
             for ck in args.checkpointing.split(","):
                 args.grad_checkpoint = ck == "on"
                 t0 = time.perf_counter()
-                est = estimate(spec, dtype, args)
+                est = estimate(spec, dtype, args, fake=not args.real)
                 total = est["bytes"].pop("total")
+                rss = est.get("rss_growth")
                 emit(
                     {
                         "bench": "train_memory",
                         "case": f"{spec}/{dtype}/ckpt-{ck}",
-                        "method": "FakeTensorMode + MemTracker (live tensors, 512 B blocks)",
+                        "method": ("real CPU tensors" if args.real else "FakeTensorMode")
+                        + " + MemTracker (live tensors, 512 B blocks)",
                         "dtype": dtype,
                         "grad_checkpoint": args.grad_checkpoint,
                         "discriminator": args.disc,
@@ -97,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
                         "params_g": est["params_g"],
                         "peak_gib": total / GIB,
                         "peak_gib_by_kind": {k: v / GIB for k, v in est["bytes"].items()},
+                        "max_rss_growth_gib": None if rss is None else rss / GIB,
                         "seconds": time.perf_counter() - t0,
                         "git_rev": git_rev(),
                     }

@@ -39,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import device_name, emit, git_rev, measure, sync  # noqa: E402
 from vqcore.models import build_model  # noqa: E402
+from vqcore.models.blocks import checkpoint_res_blocks  # noqa: E402
 
 # dense peak TFLOP/s by device-name substring (first match): bf16 tensor cores; fp32 is TF32
 PEAK_TFLOPS = {
@@ -80,11 +81,11 @@ def build_case(spec: str, args, device: torch.device):
     """(model, discriminator or None, loss or None, optimizers) for `type:flavour`."""
     kind, _, flavour = spec.partition(":")
     cfg = {"type": kind, **({"flavour": flavour} if flavour else {})}
-    if args.grad_checkpoint:
-        cfg["grad_checkpoint"] = True
     if args.quantizer:
         cfg["quantizer"] = ast.literal_eval(args.quantizer)  # a dict literal
     model = _on(build_model(cfg), device)
+    if args.grad_checkpoint:
+        checkpoint_res_blocks(model)
     memory_format = _memory_format(kind) if args.channels_last else None
     if memory_format is not None:
         model = model.to(memory_format=memory_format)

@@ -29,7 +29,7 @@ from torch import nn
 from pipelines.config import Config
 from pipelines.evaluate import top_level_quantizers
 from pipelines.inputs import fold_frames
-from pipelines.parallel import apply_activation_checkpointing, autocast, make_engine
+from pipelines.parallel import autocast, make_engine
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -92,9 +92,9 @@ class Objective:
         self.model = build_model(cfg.model).to(device)
         self.video = cfg.model.get("type") == "pvqvae"  # image models see frames as images
         if cfg.train.activation_checkpointing:
-            from vqcore.models.blocks import ResBlock
+            from vqcore.models.blocks import checkpoint_res_blocks
 
-            apply_activation_checkpointing(self.model, (ResBlock,))
+            checkpoint_res_blocks(self.model)
         self.micro = 0
         self.tokens = 0  # latent positions quantized on this rank
         self.nonfinite_disc = 0  # discriminator steps skipped for a non-finite loss

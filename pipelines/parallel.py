@@ -1,6 +1,6 @@
 """Distribution and precision, applied after the model is built: process group, DeepSpeed
 engines (one per optimiser: generator, discriminator, or HFSVQ's F_L and F_H), the LR
-schedule, bf16 autocast and activation checkpointing. No Ray import.
+schedule and bf16 autocast (activation checkpointing: `vqcore.models.blocks`). No Ray import.
 
 On CPU DeepSpeed runs with its CPU accelerator over gloo (`DS_ACCELERATOR=cpu`) in fp32; on
 GPUs the forward runs under bf16 autocast with fp32 master weights and fp32 loss reductions
@@ -115,18 +115,6 @@ def make_engine(
         config=deepspeed_config(cfg, micro_batch),
     )
     return engine
-
-
-def apply_activation_checkpointing(model: nn.Module, block_types: tuple[type, ...]) -> int:
-    """Recompute the activations of every block of `block_types` in backward; returns count."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-        apply_activation_checkpointing as apply,
-    )
-
-    count = sum(isinstance(m, block_types) for m in model.modules())
-    if count:
-        apply(model, check_fn=lambda m: isinstance(m, block_types))
-    return count
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""Activation checkpointing of the conv tokenizers (issue 8): same gradients, less memory.
+"""Activation checkpointing of the conv tokenizers (`checkpoint_res_blocks`, what
+`train.activation_checkpointing` applies): same outputs and gradients, less memory.
 
 Memory is measured by `benchmarks/train_memory.py` (fake tensors under torch's MemTracker),
 the same estimator BENCHMARKS.md reports for the full-size model."""
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from vqcore.models import build_model
+from vqcore.models.blocks import checkpoint_res_blocks
 
 SPECS = {
     "pvqvae": ({"type": "pvqvae", "flavour": "debug"}, (2, 3, 4, 16, 16)),
@@ -17,12 +19,17 @@ SPECS = {
 
 def _grads(spec, shape, grad_checkpoint, dropout=0.0):
     torch.manual_seed(0)
-    model = build_model({**spec, "grad_checkpoint": grad_checkpoint, "dropout": dropout})
+    model = build_model({**spec, "dropout": dropout})
+    if grad_checkpoint:
+        assert checkpoint_res_blocks(model) > 4
     x = torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
     torch.manual_seed(2)  # dropout masks
     x_hat, q = model(x)
     (F.mse_loss(x_hat, x) + q.loss).backward()
-    return x_hat.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    # the wrapper adds a level to the names (its state_dict hooks take it out again)
+    named = {n.replace("_checkpoint_wrapped_module.", ""): p for n, p in model.named_parameters()}
+    assert set(named) <= set(model.state_dict())  # checkpoints keep the plain names
+    return x_hat.detach(), {n: p.grad for n, p in named.items() if p.grad is not None}
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -39,7 +46,8 @@ def test_checkpointing_keeps_outputs_and_gradients(name, dropout):
 
 def test_checkpointing_is_off_in_eval_and_no_grad():
     spec, shape = SPECS["pvqvae"]
-    model = build_model({**spec, "grad_checkpoint": True}).eval()
+    model = build_model(spec).eval()
+    checkpoint_res_blocks(model)
     with torch.no_grad():
         x_hat, _ = model(torch.zeros(shape))
     assert x_hat.shape == shape and not x_hat.requires_grad

@@ -24,7 +24,6 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 NORMS = ("group", "channel")
 Stride = tuple[int, ...]
@@ -87,13 +86,7 @@ def norm_layer(kind: str, channels: int, groups: int = 32) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    """x + conv(SiLU(norm(conv(SiLU(norm(x)))))), 1×1 projection of x if cin != cout.
-
-    `grad_checkpoint`: activation checkpointing (Chen et al., arXiv:1604.06174): under
-    autograd the block keeps only its input and recomputes the rest in backward
-    (`torch.utils.checkpoint`, non-reentrant, dropout's RNG state replayed), so gradients are
-    unchanged and a block's ~6 saved full-resolution tensors become 1.
-    """
+    """x + conv(SiLU(norm(conv(SiLU(norm(x)))))), 1×1 projection of x if cin != cout."""
 
     def __init__(
         self,
@@ -103,21 +96,14 @@ class ResBlock(nn.Module):
         norm: str = "group",
         groups: int = 32,
         dropout: float = 0.0,
-        grad_checkpoint: bool = False,
     ):
         super().__init__()
         self.norm1, self.conv1 = norm_layer(norm, cin, groups), conv(dims, cin, cout)
         self.norm2, self.conv2 = norm_layer(norm, cout, groups), conv(dims, cout, cout)
         self.dropout = nn.Dropout(dropout)
         self.skip = conv(dims, cin, cout, kernel=1) if cin != cout else nn.Identity()
-        self.grad_checkpoint = grad_checkpoint
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpoint and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
@@ -174,13 +160,10 @@ class Encoder(nn.Module):
         norm: str = "group",
         norm_groups: int = 32,
         dropout: float = 0.0,
-        grad_checkpoint: bool = False,
     ):
         super().__init__()
         widths = _widths(channels, channel_mult, len(strides))
-        block = dict(
-            norm=norm, groups=norm_groups, dropout=dropout, grad_checkpoint=grad_checkpoint
-        )
+        block = dict(norm=norm, groups=norm_groups, dropout=dropout)
         self.conv_in = conv(dims, in_channels, widths[0])
         self.levels = nn.ModuleList()
         cin = widths[0]
@@ -236,13 +219,10 @@ class Decoder(nn.Module):
         norm: str = "group",
         norm_groups: int = 32,
         dropout: float = 0.0,
-        grad_checkpoint: bool = False,
     ):
         super().__init__()
         widths = _widths(channels, channel_mult, len(strides))[::-1]
-        block = dict(
-            norm=norm, groups=norm_groups, dropout=dropout, grad_checkpoint=grad_checkpoint
-        )
+        block = dict(norm=norm, groups=norm_groups, dropout=dropout)
         n_up = len(strides)
         self.conv_in = conv(dims, in_channels, widths[0])
         self.mid = ResBlock(dims, widths[0], widths[0], **block)
@@ -275,3 +255,19 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.trunk(self.head(z))
+
+
+def checkpoint_res_blocks(model: nn.Module) -> int:
+    """Activation checkpointing (Chen et al., arXiv:1604.06174) of every `ResBlock` in
+    `model`, in place; returns how many. Under autograd a block then keeps only its input
+    and recomputes the rest in backward (torch's non-reentrant `checkpoint_wrapper`, RNG
+    state replayed), so outputs and gradients are unchanged and a block's ~6 saved
+    full-resolution tensors become 1, for one more forward of the blocks per step."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+    )
+
+    count = sum(isinstance(m, ResBlock) for m in model.modules())
+    if count:
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, ResBlock))
+    return count

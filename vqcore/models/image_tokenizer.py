@@ -53,9 +53,6 @@ class ImageTokenizerConfig:
     norm: str = "group"  # "group" (VQGAN) | "channel" (per-position LayerNorm)
     norm_groups: int = 32
     dropout: float = 0.0
-    # activation checkpointing of every ResBlock (`blocks.ResBlock`): one more forward per
-    # step for a fraction of the activation memory (long clips at high resolution)
-    grad_checkpoint: bool = False
     # registry spec without `dim` (filled with latent_dim), e.g. {"type": "looc"}
     quantizer: dict[str, Any] = field(default_factory=lambda: {"type": "vq", "codebook_size": 1024})
 
@@ -105,7 +102,6 @@ class ImageTokenizer(nn.Module):
             norm=c.norm,
             norm_groups=c.norm_groups,
             dropout=c.dropout,
-            grad_checkpoint=c.grad_checkpoint,
         )
         self.encoder = Encoder(2, c.in_channels, c.latent_dim, **net)
         self.quantizer = build(c.quantizer_config())

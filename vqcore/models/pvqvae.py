@@ -67,9 +67,6 @@ class PVQVAEConfig:
     norm: str = "channel"
     norm_groups: int = 32
     dropout: float = 0.0
-    # activation checkpointing of every ResBlock (`blocks.ResBlock`): one more forward per
-    # step for a fraction of the activation memory (long clips at high resolution)
-    grad_checkpoint: bool = False
     use_fft: bool = True  # FFT branch (global structure)
     use_dwt: bool = True  # wavelet branch (local detail)
     wavelet: str = "haar"  # any pywt wavelet name
@@ -195,7 +192,6 @@ class PVQVAE(nn.Module):
             norm=c.norm,
             norm_groups=c.norm_groups,
             dropout=c.dropout,
-            grad_checkpoint=c.grad_checkpoint,
         )
         self.encoder = Encoder(3, c.in_channels, c.latent_dim, **net)
         widths = [c.channels * m for m in c.channel_mult]
