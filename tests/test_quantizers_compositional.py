@@ -280,7 +280,7 @@ def test_cvq_moves_an_unused_code_to_its_closest_feature():
             torch.tensor([100.0, 100.0]) * (1 - a[1]) + torch.tensor([2.0, 2.0]) * a[1],
         ]
     )
-    torch.testing.assert_close(q.codebook.weight[0].detach(), expected)
+    torch.testing.assert_close(q.codebook.table[0].detach(), expected)
     assert float(a[1]) > 0.99 and float(a[0]) < 1e-8  # the dead code moved, the used one not
     torch.testing.assert_close(q.codebook.usage_ema, usage[None])
 
@@ -290,7 +290,7 @@ def test_cvq_per_subcodebook_anchors_come_from_that_subspace():
     _set(q.codebook.weight, [[[0], [100]], [[0], [100]]])
     q.train()(_tokens([1, -1], [2, -3]))  # sub-space 0 sees {1, 2}, sub-space 1 sees {-1, -3}
     a = math.exp(-1e-3)
-    w = q.codebook.weight.detach().view(2, 2)
+    w = q.codebook.table.detach().view(2, 2)
     assert float(w[0, 1]) == pytest.approx(100 * (1 - a) + 2 * a, abs=1e-5)
     assert float(w[1, 1]) == pytest.approx(100 * (1 - a) + -1 * a, abs=1e-5)
 
@@ -299,9 +299,9 @@ def test_cvq_leaves_a_codebook_without_tokens_alone():
     cb = Codebook(2, 1, num_groups=2, cvq=True).train()
     _set(cb.weight, [[0.0, 100.0], [0.0, 100.0]])
     cb(torch.tensor([[1.0], [2.0]]), torch.zeros(2, dtype=torch.long))  # only codebook 0
-    assert cb.weight[1].view(-1).tolist() == [0.0, 100.0]
+    assert cb.table[1].view(-1).tolist() == [0.0, 100.0]
     assert cb.usage_ema[1].tolist() == [0.0, 0.0]
-    assert float(cb.weight[0, 1].detach()) < 3  # codebook 0's dead code was pulled to its features
+    assert float(cb.table[0, 1].detach()) < 3  # codebook 0's dead code was pulled to its features
 
 
 @pytest.mark.parametrize("family", ["pq", "looc", "hrvq"])

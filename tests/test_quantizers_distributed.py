@@ -45,7 +45,7 @@ def test_state_identical_across_ranks(tmp_path):
         for k in counted:
             assert s0[k].sum() > 0
         for k in s0:
-            if k.endswith(("counts", "ema_size", "ema_sum", "usage_ema")) or (
+            if k.endswith(("counts", "ema_size", "ema_sum", "usage_ema", "anchor_shift")) or (
                 spec.get("cvq") and k.endswith("weight")
             ):
                 assert torch.equal(s0[k], s1[k]), f"{spec}: {k} differs between ranks"

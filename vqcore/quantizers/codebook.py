@@ -9,7 +9,11 @@ Optional CVQ-VAE online re-anchoring (Zheng & Vedaldi, arXiv:2307.15139, eq. 7-8
 usage p̄_k ← γp̄_k + (1-γ)n_k/N; α_k = exp(-p̄_k K 10 / (1-γ) - ε); e_k ← (1-α_k)e_k + α_k x̂_k,
 where x̂_k is the feature closest to e_k ("closest") or a random feature ("random"). With G
 codebooks this runs per codebook over the tokens searched in it; a codebook that got no token
-in a batch (all ranks together) keeps its running usage and its codes.
+in a batch (all ranks together) keeps its running usage and its codes. With "grad" codes the
+moves go to a buffer, `anchor_shift`, and the codes are weight + anchor_shift: an optimizer
+that keeps its own master copy of the weights (DeepSpeed ZeRO, FSDP, fp32 masters of bf16
+weights) writes that copy back after every step and would undo a move made to the weight
+itself. With Adam that is the same as moving the weight (its moments are kept either way).
 
 Grouped search (`group_n`): each token is searched only in its own codebook. With the fused
 kernel (CUDA + Triton, `VQCORE_FUSED`, see vqcore.ops.nearest) that is one launch for all
@@ -76,10 +80,18 @@ class Codebook(nn.Module):
             self.register_buffer("ema_sum", init.clone())
         if cvq:
             self.register_buffer("usage_ema", torch.zeros(num_groups, num_codes))
+            if update == "grad":
+                self.register_buffer("anchor_shift", torch.zeros_like(init))
         self.usage = CodeUsage(num_codes, num_groups)
 
+    @property
+    def table(self) -> torch.Tensor:
+        """(G, K, d) codes: the weight, plus CVQ's moves with "grad" codes (see module doc)."""
+        shift = getattr(self, "anchor_shift", None)
+        return self.weight if shift is None else self.weight + shift
+
     def codes_of(self, group: torch.Tensor | None) -> torch.Tensor:
-        w = self.weight if group is None else self.weight[group]
+        w = self.table if group is None else self.table[group]
         return F.normalize(w, dim=-1) if self.distance == "cosine" else w
 
     # -- search and lookup
@@ -89,7 +101,7 @@ class Codebook(nn.Module):
         if group_n is None:
             if self.num_groups != 1:
                 raise ValueError("Codebook.search: group_n is required with several codebooks")
-            return nearest_code(x_nd, self.weight[0], self.distance)[0]
+            return nearest_code(x_nd, self.table[0], self.distance)[0]
         return _grouped_nearest(x_nd, self.codes_of(None), group_n, self.distance)
 
     def lookup(self, codes_n: torch.Tensor, group_n: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,16 +155,17 @@ class Codebook(nn.Module):
         moved = self.usage_ema.mul(gamma).add_(probs, alpha=1 - gamma)
         self.usage_ema.copy_(torch.where(total > 0, moved, self.usage_ema))  # unseen: keep
         alpha = torch.exp(-self.usage_ema * self.num_codes * 10 / (1 - gamma) - 1e-3)  # (G, K)
-        w = self.weight.data
+        w = self.table.detach()
+        moved = getattr(self, "anchor_shift", self.weight.data)  # where the moves are kept
         for g, x_g in _tokens_by_group(x_nd, group_n, self.num_groups):
             if self.cvq_anchor == "closest":
                 anchors = nearest_feature_per_code(x_g, w[g], DEFAULT_BUDGET_ELEMENTS)
             else:
                 pick = torch.randint(0, x_g.shape[0], (self.num_codes,), device=x_nd.device)
                 anchors = x_g[pick]
-            a = alpha[g, :, None]
-            w[g] = w[g] * (1 - a) + anchors.to(w.dtype) * a
-        broadcast_(w)  # anchors are rank-local features: rank 0's choice wins everywhere
+            # e ← (1 - α) e + α x̂, i.e. e += α (x̂ - e)
+            moved[g] += alpha[g, :, None] * (anchors.to(w.dtype) - w[g])
+        broadcast_(moved)  # anchors are rank-local features: rank 0's choice wins everywhere
         if self.update_rule == "ema":
             # keep the EMA state consistent with the moved codes
             self.ema_sum.copy_(self.weight * self.ema_size.clamp_min(self.eps).unsqueeze(-1))

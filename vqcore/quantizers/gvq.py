@@ -84,7 +84,7 @@ class GumbelQuantizer(Quantizer):
     def quantize(self, z: torch.Tensor) -> Quantized:
         x, spatial = to_tokens(z)
         logits = self.proj(x)  # π (N, K)
-        embed = self.codebook.weight[0]  # E (K, C)
+        embed = self.codebook.table[0]  # E (K, C)
         tau = self._temperature_now()
         if self.training:
             # eq. 1-2 (hard=True: straight-through Gumbel-softmax, sec. 2.2)
