@@ -156,7 +156,7 @@ class Codebook(nn.Module):
         self.usage_ema.copy_(torch.where(total > 0, moved, self.usage_ema))  # unseen: keep
         alpha = torch.exp(-self.usage_ema * self.num_codes * 10 / (1 - gamma) - 1e-3)  # (G, K)
         w = self.table.detach()
-        moved = getattr(self, "anchor_shift", self.weight.data)  # where the moves are kept
+        target = getattr(self, "anchor_shift", self.weight.data)  # where the moves are kept
         for g, x_g in _tokens_by_group(x_nd, group_n, self.num_groups):
             if self.cvq_anchor == "closest":
                 anchors = nearest_feature_per_code(x_g, w[g], DEFAULT_BUDGET_ELEMENTS)
@@ -164,8 +164,8 @@ class Codebook(nn.Module):
                 pick = torch.randint(0, x_g.shape[0], (self.num_codes,), device=x_nd.device)
                 anchors = x_g[pick]
             # e ← (1 - α) e + α x̂, i.e. e += α (x̂ - e)
-            moved[g] += alpha[g, :, None] * (anchors.to(w.dtype) - w[g])
-        broadcast_(moved)  # anchors are rank-local features: rank 0's choice wins everywhere
+            target[g] += alpha[g, :, None] * (anchors.to(w.dtype) - w[g])
+        broadcast_(target)  # anchors are rank-local features: rank 0's choice wins everywhere
         if self.update_rule == "ema":
             # keep the EMA state consistent with the moved codes
             self.ema_sum.copy_(self.weight * self.ema_size.clamp_min(self.eps).unsqueeze(-1))
