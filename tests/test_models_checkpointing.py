@@ -4,6 +4,8 @@
 Memory is measured by `benchmarks/train_memory.py` (fake tensors under torch's MemTracker),
 the same estimator BENCHMARKS.md reports for the full-size model."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,10 +55,12 @@ def test_checkpointing_is_off_in_eval_and_no_grad():
     assert x_hat.shape == shape and not x_hat.requires_grad
 
 
-def test_memory_estimate_shows_checkpointing_saves_activations():
+def test_memory_estimate_shows_checkpointing_saves_activations(monkeypatch):
     from benchmarks.train_memory import estimate
     from benchmarks.train_step import parse, parser
 
+    monkeypatch.setenv("VQCORE_CHECK_FINITE", "0")  # as train_memory.py's main sets it
+    before = dict(os.environ)
     args = parse(parser("t"), ["--models", "pvqvae:debug", "--frames", "4", "--size", "32x32",
                                "--no-disc"])  # fmt: skip
     peaks = {}
@@ -68,5 +72,6 @@ def test_memory_estimate_shows_checkpointing_saves_activations():
         # weights, gradients and Adam's two moments are all there (fp32, 4 B a parameter)
         assert b["parameter"] >= 4 * est["params_g"] and b["optstate"] >= 8 * est["params_g"]
         peaks[on] = b
+    assert dict(os.environ) == before  # nothing leaks into later tests
     assert peaks[True]["activation"] < 0.6 * peaks[False]["activation"]
     assert peaks[True]["total"] < peaks[False]["total"]
