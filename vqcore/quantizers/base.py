@@ -31,8 +31,9 @@ CHECK_FINITE_ENV = "VQCORE_CHECK_FINITE"
 def check_finite_enabled() -> bool:
     """Whether `check_input` tests z for NaN/inf: on unless VQCORE_CHECK_FINITE=0 (read at
     every call), and never while torch.compile traces. The test reads z back on the host,
-    one sync per forward on a GPU: benchmarks, and trainers that check their loss
-    themselves (vqtok's objectives do), turn it off."""
+    one sync per forward on a GPU: the benchmarks turn it off. vqtok's trainer leaves it on;
+    its own finiteness check of the latents runs first (`pipelines/objectives.py`), so in
+    training this one only repeats it (one more sync per step)."""
     if os.environ.get(CHECK_FINITE_ENV, "1").strip() == "0":
         return False
     return not torch.compiler.is_compiling()
