@@ -66,26 +66,22 @@ class GumbelQuantizer(Quantizer):
         self.usage = self.codebook.usage
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
-    def temperature_at(self, step: int) -> float:
-        """τ(t) = max(τ_min, τ₀ · exp(-r t)) (Jang et al. sec. 4)."""
+    def temperature_at(self, step: torch.Tensor) -> torch.Tensor:
+        """τ(t) = max(τ_min, τ₀ · exp(-r t)) (Jang et al. sec. 4), on the device of `step`:
+        the forward reads no step count back to the host."""
         c = self.config
-        return max(c.min_temperature, c.temperature * math.exp(-c.anneal_rate * step))
+        tau = c.temperature * torch.exp(-c.anneal_rate * step.double())
+        return tau.clamp_min(c.min_temperature).float()
 
     @property
     def temperature(self) -> float:
-        return self.temperature_at(int(self.step))
-
-    def _temperature_now(self) -> torch.Tensor:
-        """τ(step) computed on the step buffer's device: no host read in the forward."""
-        c = self.config
-        tau = c.temperature * torch.exp(-c.anneal_rate * self.step.double())
-        return tau.clamp_min(c.min_temperature).float()
+        return float(self.temperature_at(self.step))
 
     def quantize(self, z: torch.Tensor) -> Quantized:
         x, spatial = to_tokens(z)
         logits = self.proj(x)  # π (N, K)
         embed = self.codebook.table[0]  # E (K, C)
-        tau = self._temperature_now()
+        tau = self.temperature_at(self.step)
         if self.training:
             # eq. 1-2 (hard=True: straight-through Gumbel-softmax, sec. 2.2)
             y = F.gumbel_softmax(logits, tau=tau, hard=self.config.straight_through, dim=-1)
