@@ -150,7 +150,8 @@ def test_finite_check_can_be_turned_off(family, monkeypatch):
 def test_sync_free_code_statistics_equal_unique_and_bincount(n, k):
     """run_lengths and CodeUsage.histogram: fixed-size, sync-free versions of
     torch.unique(return_counts) and bincount, equal to them."""
-    from vqcore.quantizers.base import CodeUsage, run_lengths
+    from vqcore.ops.counts import run_lengths
+    from vqcore.quantizers.base import CodeUsage
 
     g = torch.Generator().manual_seed(n)
     codes = torch.randint(0, k, (n,), generator=g)

@@ -28,9 +28,13 @@ rounding band of it. Exact ties go to the lowest index (strict `<` across tiles,
 index inside a tile, lower index in the re-rank), as `torch.argmin` does.
 
 Grouped search (HR-VQ children, PQ sub-spaces): tokens are sorted by codebook index on the
-device (stable argsort + bincount + cumsum, no host sync) and cut into blocks that each hold
-tokens of one codebook only, like a grouped GEMM; the grid is the upper bound
+device (stable argsort + fixed-size counts + cumsum, no host sync) and cut into blocks that
+each hold tokens of one codebook only, like a grouped GEMM; the grid is the upper bound
 ceil(N / BLOCK_N) + G and blocks past the end run no codebook tile.
+
+Under torch.compile the launch is one custom op (`vqcore::nearest_code_launch`) and the torch
+around it (operand rounding, the sort) is traced: a quantizer's training forward is one graph
+with the fused search inside it.
 
 Triton is optional: without it `available()` is False and `vqcore` runs on torch alone.
 Under `TRITON_INTERPRET=1` the same kernel runs on CPU tensors with numpy (tests, no GPU);
@@ -43,6 +47,8 @@ dot with fp32 accumulation computes, up to summation order.
 import os
 
 import torch
+
+from vqcore.ops.counts import bincount
 
 try:
     import triton
@@ -223,7 +229,7 @@ def _grouped_blocks(group_n: torch.Tensor, num_groups: int, block_n: int):
     """
     n, dev = group_n.shape[0], group_n.device
     order = torch.argsort(group_n, stable=True)
-    counts = torch.bincount(group_n, minlength=num_groups)  # tokens per codebook
+    counts = bincount(group_n, num_groups)  # tokens per codebook (fixed size: no sync)
     run_end = torch.cumsum(counts, 0)  # sorted position where codebook g's run ends
     run_start = run_end - counts
     blocks = (counts + block_n - 1) // block_n
@@ -278,11 +284,12 @@ def nearest_code_fused(
         raise ValueError(
             "nearest_code_fused: a (G, K, D) codebook needs group_n, a (K, D) one must not have it"
         )
-    books = codebook.float() if grouped else codebook.float()[None]  # (G, K, D)
-    g, k, d = books.shape
-    n = x_nd.shape[0]
+    d = codebook.shape[-1]
     if x_nd.dim() != 2 or x_nd.shape[1] != d:
         raise ValueError(f"nearest_code_fused: x must be (N, {d}), got {tuple(x_nd.shape)}")
+    if rerank is None:
+        rerank = not (_operand_dtype(x_nd.dtype) == torch.float32 and input_precision == "ieee")
+    books = codebook.float() if grouped else codebook.float()[None]  # (G, K, D)
     dtype = _operand_dtype(x_nd.dtype)
     x = x_nd
     if metric == "cosine":
@@ -293,18 +300,48 @@ def nearest_code_fused(
         x_op, e_op = round_to_tf32(x), round_to_tf32(books)
     else:
         x_op, e_op = x.to(dtype).contiguous(), books.to(dtype).contiguous()
-    books = books.contiguous()
-    if rerank is None:
-        rerank = not (dtype == torch.float32 and input_precision == "ieee")
     # ||e||² of the operand codebook, in fp32: the scores are then exact distances between the
     # rounded operands (up to fp32 accumulation), the same search the reference runs
     esq = e_op.float().pow(2).sum(-1).contiguous()  # (G, K)
-    best = torch.empty(n, dtype=torch.float32, device=x_nd.device)
-    codes = torch.empty(n, dtype=torch.long, device=x_nd.device)
+    blocks = list(_grouped_blocks(group_n.long(), books.shape[0], block_n)) if grouped else []
+    precision = input_precision if dtype == torch.float32 else "tf32"  # fp32 operands only
+    codes, best = _launch(
+        x_op, e_op, esq, x, books.contiguous(), blocks, rerank, precision, block_n, block_k
+    )
+    dists = best if rerank else best + x.float().pow(2).sum(1)
+    if metric == "cosine":
+        dists = dists / 2  # ||a - b||² = 2 - 2cos for unit vectors
+    return codes, dists
+
+
+# The launch is a custom op: torch.compile keeps it as one node of its graph (Dynamo cannot
+# trace a kernel in Triton's interpreter, and the graph needs no view inside the kernel), and
+# FakeTensorMode takes its output shapes from `_launch_fake`. The token sort before it is torch.
+@torch.library.custom_op("vqcore::nearest_code_launch", mutates_args=())
+def _launch(
+    x_op: torch.Tensor,
+    e_op: torch.Tensor,
+    esq: torch.Tensor,
+    x: torch.Tensor,
+    books: torch.Tensor,
+    blocks: list[torch.Tensor],
+    rerank: bool,
+    precision: str,
+    block_n: int,
+    block_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel over prepared operands (see `nearest_code_fused`): codes (N,) int64 and the
+    best score (N,) fp32 (||x - e||² with `rerank`, else ||e||² - 2 x·e). `blocks`: the
+    grouped search's [order, block_group, block_start, block_end] of `_grouped_blocks`, or
+    [] for one codebook."""
+    n, d = x_op.shape
+    k = e_op.shape[1]
+    best = torch.empty(n, dtype=torch.float32, device=x_op.device)
+    codes = torch.empty(n, dtype=torch.long, device=x_op.device)
     if n == 0:
         return codes, best
-    if grouped:
-        order, block_group, block_start, block_end = _grouped_blocks(group_n.long(), g, block_n)
+    if blocks:
+        order, block_group, block_start, block_end = blocks
         grid = (block_group.shape[0],)
     else:
         order = block_group = block_start = block_end = codes  # unused pointers
@@ -325,15 +362,18 @@ def nearest_code_fused(
         n,
         k,
         d,
-        GROUPED=grouped,
+        GROUPED=bool(blocks),
         RERANK=rerank,
-        WIDEN=interpreted and dtype == torch.bfloat16,
-        PRECISION=input_precision if dtype == torch.float32 else "tf32",  # fp32 operands only
+        WIDEN=interpreted and x_op.dtype == torch.bfloat16,
+        PRECISION=precision,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         BLOCK_D=max(16, min(MAX_BLOCK_D, triton.next_power_of_2(d))),
     )
-    dists = best if rerank else best + x.float().pow(2).sum(1)
-    if metric == "cosine":
-        dists = dists / 2  # ||a - b||² = 2 - 2cos for unit vectors
-    return codes, dists
+    return codes, best
+
+
+@_launch.register_fake
+def _launch_fake(x_op, e_op, esq, x, books, blocks, rerank, precision, block_n, block_k):
+    n = x_op.shape[0]
+    return x_op.new_empty(n, dtype=torch.long), x_op.new_empty(n, dtype=torch.float32)

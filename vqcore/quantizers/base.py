@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from vqcore.ops import all_reduce_sum_
+from vqcore.ops.counts import bincount
 
 Codes = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -93,19 +94,6 @@ def straight_through(z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
 # --- code usage: histogram counters, synced across ranks -----------------------------------
 
 
-def run_lengths(codes_n: torch.Tensor) -> torch.Tensor:
-    """(N,) float counts of each distinct code in `codes_n` followed by zeros: the counts of
-    torch.unique(return_counts=True) in a fixed-size tensor, with no host sync (for code
-    spaces too large for a histogram, e.g. LFQ with 2^16 codes and more)."""
-    flat = codes_n.reshape(-1)
-    s = flat.sort().values
-    starts = torch.ones_like(s, dtype=torch.bool)
-    starts[1:] = s[1:] != s[:-1]
-    run = starts.cumsum(0) - 1  # index of each token's run
-    counts = torch.zeros(flat.numel(), device=flat.device)
-    return counts.scatter_add_(0, run, torch.ones_like(counts))
-
-
 class CodeUsage(nn.Module):
     """Per-code counts of G codebooks of K codes, accumulated over calls.
 
@@ -129,11 +117,8 @@ class CodeUsage(nn.Module):
         flat = codes_n.reshape(-1)
         if group_n is not None:
             flat = flat + group_n.reshape(-1) * self.num_codes
-        # scatter_add into a fixed size, not bincount: bincount's size depends on the data,
-        # a host sync on CUDA and a graph break under torch.compile
-        hist = self.counts.new_zeros(self.num_codebooks * self.num_codes)
-        hist.scatter_add_(0, flat, torch.ones_like(flat, dtype=hist.dtype))
-        hist = hist.view(self.num_codebooks, self.num_codes)
+        size = self.num_codebooks * self.num_codes
+        hist = bincount(flat, size, self.counts.dtype).view(self.num_codebooks, self.num_codes)
         return all_reduce_sum_(hist) if sync else hist
 
     @torch.no_grad()

@@ -42,13 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqcore.ops.counts import run_lengths
 from vqcore.quantizers.base import (
     CodeUsage,
     Quantized,
     Quantizer,
     QuantizerConfig,
     from_tokens,
-    run_lengths,
     straight_through,
     to_tokens,
 )
