@@ -19,7 +19,8 @@ Grouped search (`group_n`): each token is searched only in its own codebook. Wit
 kernel (CUDA + Triton, `VQCORE_FUSED`, see vqcore.ops.nearest) that is one launch for all
 groups, tokens sorted by group on the device. Otherwise: with few groups present (pq's
 sub-spaces, the first layers of an hrvq tree) one chunked matmul search per group; with many
-small groups (deep hrvq layers) each token's codebook is gathered, chunked.
+small groups (deep hrvq layers), or under torch.compile (the split by group reads counts back
+to the host), each token's codebook is gathered, chunked.
 
 Distributed: batch statistics are all-reduced before any update, and re-anchored codes are
 broadcast from rank 0, so every rank keeps the same codebook.
@@ -205,17 +206,19 @@ def _grouped_nearest(
     """Nearest code of token n within codebook group_n[n] only, never the (N, G·K) distances.
 
     Fused (see `use_fused`): one kernel launch over all groups. Few groups present: one
-    `nearest_code` matmul search per group. Many small groups: each token's codebook is
-    gathered, chunked so at most `budget_elements` entries are held.
+    `nearest_code` matmul search per group. Many small groups, or under torch.compile: each
+    token's codebook is gathered, chunked so at most `budget_elements` entries are held.
     """
     if use_fused(x_nd):
         return nearest_code_fused(x_nd, codebooks_gkd, distance, group_n=group_n)[0]
     g, k, d = codebooks_gkd.shape
     n = x_nd.shape[0]
     codes = torch.empty(n, dtype=torch.long, device=x_nd.device)
-    groups, indices = _split_by_group(group_n, g)
-    if len(groups) <= max(MAX_LOOP_GROUPS, n // TOKENS_PER_GROUP_LOOP):
-        for grp, idx in zip(groups, indices):
+    # the loop splits tokens by group on the host, which torch.compile cannot trace: compiled,
+    # always gather (same codes, one graph)
+    split = None if torch.compiler.is_compiling() else _split_by_group(group_n, g)
+    if split is not None and len(split[0]) <= max(MAX_LOOP_GROUPS, n // TOKENS_PER_GROUP_LOOP):
+        for grp, idx in zip(*split):
             codes[idx] = nearest_code(
                 x_nd[idx], codebooks_gkd[grp], distance, budget_elements, fused=False
             )[0]
