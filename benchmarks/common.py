@@ -44,7 +44,8 @@ def measure(
     fn: Callable[[], Any], device: torch.device, warmup: int = 3, iters: int = 10
 ) -> dict[str, float]:
     """Median and p90 wall ms of fn() and peak memory (CUDA: allocator peak during the timed
-    calls; CPU: the process's max RSS so far, which only grows: read it as an upper bound)."""
+    calls above what was allocated before them, and the absolute allocated and reserved
+    peaks; CPU: the process's max RSS so far, which only grows: read it as an upper bound)."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -57,9 +58,15 @@ def measure(
         fn()
         sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
+    totals = {}
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base
         mem_kind = "cuda_peak_allocated_minus_inputs"
+        # what a GPU must hold: weights, optimizer state and inputs included
+        totals = {
+            "peak_allocated_total_bytes": torch.cuda.max_memory_allocated(device),
+            "peak_reserved_total_bytes": torch.cuda.max_memory_reserved(device),
+        }
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         mem_kind = "process_max_rss"
@@ -69,6 +76,7 @@ def measure(
         "ms_p90": times[min(len(times) - 1, int(0.9 * len(times)))],
         "peak_mem_bytes": int(peak),
         "peak_mem_kind": mem_kind,
+        **totals,
     }
 
 

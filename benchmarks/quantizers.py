@@ -3,11 +3,13 @@
     python benchmarks/quantizers.py --device cuda --tokens 65536          # all cases
     python benchmarks/quantizers.py --device cpu --tokens 8192 --cases vq_d256_k8192_ema
     python benchmarks/quantizers.py --fused off      # the chunked torch search on CUDA too
+    python benchmarks/quantizers.py --compile on --no-reference   # ours under torch.compile
 
 The issue-8 targets: vq_d256_k8192_ema; looc_d256_m32_k256 against vector-quantize-pytorch's
 32 heads x dim 8 sharing one 256-code codebook; lfq_2^16 (entropy loss on); hrvq_d256_2x90
 against vq_d256_k8100_flat (8,100 leaves each); rvq_d256_4x1024 against ResidualVQ.
 `--fused` sets VQCORE_FUSED (auto: the Triton kernel for CUDA tensors when triton imports).
+The quantizers' NaN check (a host sync) is off (VQCORE_CHECK_FINITE=0), as in a compiled step.
 
 Prints one JSON object per line (case, impl, device, dtype, shape, ms, peak memory,
 tokens/s, git revision). Runs with torch alone; the vector-quantize-pytorch rows appear
@@ -73,8 +75,9 @@ CASES: dict[str, tuple[int, dict, Callable | None]] = {
 }
 
 
-def _ours(spec: dict, dim: int, z: torch.Tensor):
+def _ours(spec: dict, dim: int, z: torch.Tensor, compiled: bool = False):
     q = build({**spec, "dim": dim}).to(z.device).train()
+    q = torch.compile(q) if compiled else q
 
     def step():
         z.grad = None
@@ -113,8 +116,10 @@ def main(argv=None) -> None:
         default="auto",
         help="fused Triton nearest-code search (VQCORE_FUSED); on needs CUDA + triton",
     )
+    p.add_argument("--compile", choices=("off", "on"), default="off", help="torch.compile ours")
     args = p.parse_args(argv)
     os.environ["VQCORE_FUSED"] = args.fused
+    os.environ.setdefault("VQCORE_CHECK_FINITE", "0")  # its NaN check is a host sync per call
     device = torch.device(args.device)
     n = args.tokens or (65536 if device.type == "cuda" else 8192)
     side = 32 if n % 1024 == 0 else 1
@@ -133,6 +138,7 @@ def main(argv=None) -> None:
         "dtype": "float32",
         "tokens": n,
         "fused_search": fused,
+        "compile": args.compile == "on",
         "git": git_rev(),
     }
     for case in args.cases:
@@ -140,7 +146,7 @@ def main(argv=None) -> None:
         torch.manual_seed(0)
         shape = (n // (side * side), dim, side, side)
         z = torch.randn(shape, device=device, requires_grad=True)
-        runs = [("vqtok", _ours, (spec, dim, z))]
+        runs = [("vqtok", _ours, (spec, dim, z, args.compile == "on"))]
         if have_ref and ctor:
             runs.append(("vector-quantize-pytorch", _theirs, (ctor, z)))
         for impl, make, make_args in runs:

@@ -19,7 +19,8 @@ workspaces, or the CUDA context (~0.5 GiB). Read it as a lower bound of
 `torch.cuda.max_memory_allocated` and check it on the GPU with `train_step.py`. Without a
 GPU, `--real` runs the same steps on real CPU tensors and reports the growth of the
 process's max RSS beside the tracker's peak (one case per process, run it at a size that
-fits in RAM). One JSON line per case (model × dtype × checkpointing).
+fits in RAM). One JSON line per case (model × dtype × checkpointing), with the step's FLOPs
+(`train_step.model_flops`) and the step time an H100 must reach for `--mfu-goal`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,15 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import emit, git_rev  # noqa: E402
-from benchmarks.train_step import build_case, make_batch, make_step, parse, parser  # noqa: E402
+from benchmarks.train_step import (  # noqa: E402
+    PEAK_TFLOPS,
+    build_case,
+    make_batch,
+    make_step,
+    model_flops,
+    parse,
+    parser,
+)
 
 GIB = 2**30
 
@@ -97,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--real", action="store_true", help="real CPU tensors (one case per process: max RSS)"
     )
+    p.add_argument("--mfu-goal", type=float, default=0.35, help="for h100_ms_per_step_at_mfu_goal")
     args = parse(p, argv)
     # the quantizer's NaN check reads data back, which fake tensors do not have
     os.environ.setdefault("VQCORE_CHECK_FINITE", "0")
@@ -108,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
                 est = estimate(spec, dtype, args, fake=not args.real)
                 total = est["bytes"].pop("total")
                 rss = est.get("rss_growth")
+                flops = model_flops(spec, dtype, args)
+                goal_tflops = args.mfu_goal * PEAK_TFLOPS["H100"][dtype]
                 emit(
                     {
                         "bench": "train_memory",
@@ -122,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
                         "peak_gib": total / GIB,
                         "peak_gib_by_kind": {k: v / GIB for k, v in est["bytes"].items()},
                         "max_rss_growth_gib": None if rss is None else rss / GIB,
+                        "tflop_per_step": flops / 1e12,  # recomputation excluded
+                        # the step time an H100 must reach for --mfu-goal (issue 8: 35 %)
+                        "h100_ms_per_step_at_mfu_goal": flops / goal_tflops / 1e9,
                         "seconds": time.perf_counter() - t0,
                         "git_rev": git_rev(),
                     }

@@ -8,8 +8,8 @@
         --grad-checkpoint --channels-last --fused-optim --compile on --profile runs/prof
 
 Per case (model × dtype × compile) one JSON line: median/p90 ms per step, clips/s, peak
-memory, FLOPs per step (torch.utils.flop_counter.FlopCounterMode over one eager step:
-convolutions and matmuls), achieved TFLOP/s and MFU against `--peak-tflops` or the table
+memory, FLOPs per step (`model_flops`: convolutions and matmuls, recomputation excluded),
+achieved TFLOP/s and MFU against `--peak-tflops` or the table
 below (CUDA only; on CPU, read achieved GFLOP/s). The step is what a trainer runs: forward,
 the generator loss of `vqcore.losses.TokenizerLoss` (L1 + quantizer + GAN with VQGAN's adaptive
 weight; no LPIPS) and an Adam step, then the discriminator's hinge loss and Adam step. The
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -144,17 +145,33 @@ def make_step(model, fwd, disc, loss, opt_g, opt_d, x, device, dtype):
     return step
 
 
+def model_flops(spec: str, dtype: str, args) -> int:
+    """FLOPs of one training step (convolutions and matmuls, `FlopCounterMode`) with
+    recomputation excluded, as MFU counts them (with it, it would be HFU): the step without
+    activation checkpointing, run on fake CPU tensors (shapes only: no memory, no time). The
+    nearest-code search counts as the torch path's matmul on every device."""
+    plain = argparse.Namespace(**{**vars(args), "grad_checkpoint": False, "channels_last": False})
+    cpu = torch.device("cpu")
+    with FakeTensorMode():
+        kind, model, disc, loss, opt_g, opt_d = build_case(spec, plain, cpu)
+        x = make_batch(kind, plain, cpu)
+        step = make_step(model, model, disc, loss, opt_g, opt_d, x, cpu, dtype)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+    return counter.get_total_flops()
+
+
 def run_case(spec: str, dtype: str, compiled: bool, args, device: torch.device) -> dict:
     torch.manual_seed(0)
     case_name = f"{spec}/{dtype}/{'compiled' if compiled else 'eager'}"
+    flops = model_flops(spec, dtype, args)
     kind, model, disc, loss, opt_g, opt_d = build_case(spec, args, device)
     x = make_batch(kind, args, device)
-    eager = make_step(model, model, disc, loss, opt_g, opt_d, x, device, dtype)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        eager()
-    flops = counter.get_total_flops()
-    fwd = torch.compile(model) if compiled else model
+    if compiled:  # the two networks; the losses' autograd.grad (adaptive weight) stays eager
+        fwd, disc = torch.compile(model), torch.compile(disc) if disc is not None else None
+    else:
+        fwd = model
     step = make_step(model, fwd, disc, loss, opt_g, opt_d, x, device, dtype)
     timing = measure(step, device, warmup=args.warmup, iters=args.iters)
     top_ops = profile(step, device, Path(args.profile) / case_name) if args.profile else None
@@ -174,7 +191,7 @@ def run_case(spec: str, dtype: str, compiled: bool, args, device: torch.device) 
         "fused_optim": args.fused_optim,
         "shape": list(x.shape),
         "params_g": sum(p.numel() for p in model.parameters()),
-        "params_d": sum(p.numel() for p in disc.parameters()) if disc else 0,
+        "params_d": sum(p.numel() for p in disc.parameters()) if disc is not None else 0,
         **timing,
         "clips_per_s": x.shape[0] / seconds,
         "flops_per_step": flops,
