@@ -57,6 +57,11 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "fp32" | "bf16"
     zero_stage: int = 2
     activation_checkpointing: bool = False
+    # torch.compile of the generator and discriminator (nn.Module.compile: in place, the
+    # state-dict names and checkpoints unchanged); the backend "eager" traces without
+    # generating code (a quick check of the graphs, used by the tests)
+    compile: bool = False
+    compile_backend: str = "inductor"
     ema_decay: float = 0.999  # EMA of generator weights, used for eval and export
     seed: int = 42
     log_every: int = 10
@@ -85,6 +90,13 @@ class TrainConfig:
             "'auto', 'fp32' or 'bf16' (fp16 is not supported on CPU)",
         )
         _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", self.zero_stage, "0-3")
+        _check(
+            not (self.compile and self.zero_stage == 3),
+            "train.compile",
+            self.compile,
+            "false with train.zero_stage 3 (ZeRO-3 gathers parameters in module hooks, which "
+            "a compiled module does not run as DeepSpeed expects)",
+        )
         _check(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "in [0, 1)")
         for key in ("log_every", "ckpt_every", "keep_last", "eval_batches"):
             _check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), ">= 1")

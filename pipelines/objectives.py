@@ -108,9 +108,15 @@ class Objective:
     def init_engines(self) -> None:
         """Wrap the model in its DeepSpeed engines. Called after anything that must copy the
         full model (the EMA): under ZeRO-3 the engines partition its parameters. The EMA copy
-        is made before the finiteness hooks too, so evaluation has none."""
+        is made before the finiteness hooks and `train.compile` too, so evaluation has
+        neither. The hooks' all-reduce is a graph break in a compiled forward (by design: a
+        non-finite latent must stop every rank before the quantizer runs)."""
         for q in top_level_quantizers(self.model):
             q.register_forward_pre_hook(_finite_latents)
+        if self.cfg.train.compile:  # after the EMA copy: it must not share the compiled call
+            for module in (self.model, getattr(self, "disc", None)):
+                if module is not None:
+                    module.compile(backend=self.cfg.train.compile_backend)
         self.engines = self._engines()
 
     def _engines(self) -> dict:  # pragma: no cover - abstract

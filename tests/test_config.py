@@ -45,6 +45,12 @@ def test_bad_values_name_the_key(override, named):
         load_config(None, [override])
 
 
+def test_compile_with_zero3_is_refused():
+    with pytest.raises(ConfigError, match=r"train\.compile.*zero_stage 3"):
+        load_config(None, ["train.compile=true", "train.zero_stage=3"])
+    assert load_config(None, ["train.compile=true", "train.zero_stage=2"]).train.compile
+
+
 def test_missing_file_and_malformed_override(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
