@@ -61,17 +61,18 @@ def test_memory_estimate_shows_checkpointing_saves_activations(monkeypatch):
 
     monkeypatch.setenv("VQCORE_CHECK_FINITE", "0")  # as train_memory.py's main sets it
     before = dict(os.environ)
-    args = parse(parser("t"), ["--models", "pvqvae:debug", "--frames", "4", "--size", "32x32",
+    args = parse(parser("t"), ["--models", "pvqvae:debug", "--frames", "8", "--size", "64x64",
                                "--no-disc"])  # fmt: skip
     peaks = {}
     for on in (False, True):
         args.grad_checkpoint = on
         est = estimate("pvqvae:debug", "bf16", args)
-        assert est["shape"] == [1, 3, 4, 32, 32]
+        assert est["shape"] == [1, 3, 8, 64, 64]
         b = est["bytes"]
         # weights, gradients and Adam's two moments are all there (fp32, 4 B a parameter)
         assert b["parameter"] >= 4 * est["params_g"] and b["optstate"] >= 8 * est["params_g"]
         peaks[on] = b
     assert dict(os.environ) == before  # nothing leaks into later tests
-    assert peaks[True]["activation"] < 0.6 * peaks[False]["activation"]
+    # measured 23.1 vs 38.8 MiB (60 %); at full size 10.6 vs 27.4 GiB (BENCHMARKS.md)
+    assert peaks[True]["activation"] < 0.7 * peaks[False]["activation"]
     assert peaks[True]["total"] < peaks[False]["total"]

@@ -69,11 +69,15 @@ class ChannelNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        var, mean = torch.var_mean(xf, dim=1, keepdim=True, correction=0)
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        y = (xf - mean) * torch.rsqrt(var + self.eps)
-        return (y * self.weight.view(shape) + self.bias.view(shape)).to(x.dtype)
+        # torch's layer_norm over a channels-last view: one kernel each way, where the same
+        # formula in elementwise ops (var_mean, sub, rsqrt, mul, add) streams the activation
+        # ~8 times; with channels_last(_3d) memory the view is free. Outside autocast, which
+        # would cast a bf16 x to fp32 and back (two more passes): the kernel keeps its
+        # statistics in fp32 for bf16 input (BENCHMARKS.md, training-step roofline).
+        w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.layer_norm(x.movedim(1, -1), x.shape[1:2], w, b, self.eps)
+        return y.movedim(-1, 1)
 
 
 def norm_layer(kind: str, channels: int, groups: int = 32) -> nn.Module:
