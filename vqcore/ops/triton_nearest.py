@@ -287,10 +287,10 @@ def nearest_code_fused(
     d = codebook.shape[-1]
     if x_nd.dim() != 2 or x_nd.shape[1] != d:
         raise ValueError(f"nearest_code_fused: x must be (N, {d}), got {tuple(x_nd.shape)}")
-    if rerank is None:
-        rerank = not (_operand_dtype(x_nd.dtype) == torch.float32 and input_precision == "ieee")
-    books = codebook.float() if grouped else codebook.float()[None]  # (G, K, D)
     dtype = _operand_dtype(x_nd.dtype)
+    if rerank is None:
+        rerank = not (dtype == torch.float32 and input_precision == "ieee")
+    books = codebook.float() if grouped else codebook.float()[None]  # (G, K, D)
     x = x_nd
     if metric == "cosine":
         books = torch.nn.functional.normalize(books, dim=-1)
