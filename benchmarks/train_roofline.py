@@ -139,7 +139,7 @@ def _bound(row) -> str:
 
 
 def _rounded(row, total_ms: float) -> dict:
-    out = {k: round(v, 3) for k, v in row.items()}
+    out = {k: float(f"{v:.4g}") for k, v in row.items()}  # 4 significant digits
     out["share"] = round(row["ms"] / total_ms, 3)
     return out
 
