@@ -4,6 +4,7 @@
     python benchmarks/quantizers.py --device cpu --tokens 8192 --cases vq_d256_k8192_ema
     python benchmarks/quantizers.py --fused off      # the chunked torch search on CUDA too
     python benchmarks/quantizers.py --compile on --no-reference   # ours under torch.compile
+    python benchmarks/quantizers.py --roofline H100   # no GPU: where an H100's time must go
 
 The issue-8 targets: vq_d256_k8192_ema; looc_d256_m32_k256 against vector-quantize-pytorch's
 32 heads x dim 8 sharing one 256-code codebook; lfq_2^16 (entropy loss on); hrvq_d256_2x90
@@ -19,6 +20,7 @@ when `vector_quantize_pytorch` is importable (pip install "vector-quantize-pytor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -44,6 +46,11 @@ CASES: dict[str, tuple[int, dict, Callable | None]] = {
         lambda m: m.VectorQuantize(
             dim=256, codebook_size=256, codebook_dim=8, heads=32, decay=0.99
         ),  # one codebook shared by the 32 heads (separate_codebook_per_head=False)
+    ),
+    "looc_d256_m32_k256_nocvq": (  # like for like with the reference: no re-anchoring
+        256,
+        {"type": "looc", "codebook_dim": 8, "codebook_size": 256, "alpha": 1, "cvq": False},
+        None,
     ),
     "looc_d256_m32_k256_alpha2": (
         256,
@@ -103,6 +110,36 @@ def _theirs(ctor: Callable, z: torch.Tensor):
     return step
 
 
+def _roofline(spec: dict, dim: int, shape: tuple, gpu: str, top: int = 5) -> dict:
+    """The case's training step on fake tensors with the fused search, every operator costed
+    on `gpu`'s roofline (benchmarks/train_roofline.py): fp32 inputs, so tf32 peak."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from benchmarks.train_roofline import HBM_TBPS, RooflineMode
+    from benchmarks.train_step import PEAK_TFLOPS
+
+    peak, bandwidth = PEAK_TFLOPS[gpu]["fp32"] * 1e12, HBM_TBPS[gpu] * 1e12
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        q = build({**spec, "dim": dim}).train()
+        z = torch.randn(shape, requires_grad=True)
+        for costed in (False, True):  # the second step: EMA/usage state exists
+            mode = RooflineMode()
+            with mode if costed else contextlib.nullcontext():
+                out = q(z)
+                (out.z_q.square().mean() + out.loss).backward()
+    by_op: dict[str, float] = {}
+    for name, flops, moved in mode.ops:
+        by_op[name] = by_op.get(name, 0.0) + max(flops / peak, moved / bandwidth) * 1e3
+    ranked = sorted(by_op.items(), key=lambda kv: kv[1], reverse=True)[:top]
+    return {
+        "bound_ms": sum(by_op.values()),
+        "search_ms": by_op.get("vqcore.nearest_code_launch", 0.0),
+        "gflop": sum(f for _, f, _ in mode.ops) / 1e9,
+        "kernels": len(mode.ops),
+        "top_ops": [{"op": k, "ms": round(v, 4)} for k, v in ranked],
+    }
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -117,9 +154,19 @@ def main(argv=None) -> None:
         help="fused Triton nearest-code search (VQCORE_FUSED); on needs CUDA + triton",
     )
     p.add_argument("--compile", choices=("off", "on"), default="off", help="torch.compile ours")
+    p.add_argument(
+        "--roofline",
+        choices=("H100", "H200"),
+        default=None,
+        help="no timing: cost our step per operator on this GPU's roofline (fake tensors)",
+    )
     args = p.parse_args(argv)
     os.environ["VQCORE_FUSED"] = args.fused
     os.environ.setdefault("VQCORE_CHECK_FINITE", "0")  # its NaN check is a host sync per call
+    if args.roofline:
+        # the fused search's path on CPU fake tensors: its custom op's fake runs, no kernel
+        os.environ.update(VQCORE_FUSED="on", TRITON_INTERPRET="1")
+        args.device, args.no_reference = "cpu", True
     device = torch.device(args.device)
     n = args.tokens or (65536 if device.type == "cuda" else 8192)
     side = 32 if n % 1024 == 0 else 1
@@ -149,6 +196,10 @@ def main(argv=None) -> None:
         runs = [("vqtok", _ours, (spec, dim, z, args.compile == "on"))]
         if have_ref and ctor:
             runs.append(("vector-quantize-pytorch", _theirs, (ctor, z)))
+        if args.roofline:
+            rec = {"case": case, "impl": "vqtok", "shape": list(shape), **common}
+            emit({**rec, "roofline": args.roofline, **_roofline(spec, dim, shape, args.roofline)})
+            continue
         for impl, make, make_args in runs:
             rec = {"case": case, "impl": impl, "shape": list(shape), **common}
             try:

@@ -78,7 +78,12 @@ class RooflineMode(TorchDispatchMode):
         packet = func.overloadpacket
         outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         # a kernel: an aten op that makes tensor data (not a view, metadata or an allocation)
-        if func.namespace != "aten" or func.is_view or not outputs or "empty" in str(packet):
+        if (
+            func.namespace not in ("aten", "vqcore")
+            or func.is_view
+            or not outputs
+            or "empty" in str(packet)
+        ):
             return out
         count = flop_registry.get(packet)
         flops = count(*args, **kwargs, out_val=out) if count else 0

@@ -47,6 +47,7 @@ dot with fp32 accumulation computes, up to summation order.
 import os
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from vqcore.ops.counts import bincount
 
@@ -377,3 +378,10 @@ def _launch(
 def _launch_fake(x_op, e_op, esq, x, books, blocks, rerank, precision, block_n, block_k):
     n = x_op.shape[0]
     return x_op.new_empty(n, dtype=torch.long), x_op.new_empty(n, dtype=torch.float32)
+
+
+@register_flop_formula(torch.ops.vqcore.nearest_code_launch)
+def _launch_flops(x_shape, e_shape, *args, out_shape=None, **kwargs) -> int:
+    """2·N·K·D for torch's FlopCounterMode: each token against the K codes of its codebook."""
+    n, d = x_shape
+    return 2 * n * e_shape[1] * d

@@ -68,7 +68,7 @@ class FiniteScalarQuantizer(Quantizer):
             self.project_in, self.project_out = nn.Linear(config.dim, d), nn.Linear(d, config.dim)
         else:
             self.project_in = self.project_out = None
-        self.usage = CodeUsage(int(levels.prod()))
+        self.usage = CodeUsage(math.prod(int(n) for n in config.levels))
 
     def bound(self, x: torch.Tensor) -> torch.Tensor:
         """f(x) of sec. 3.1: rounds to exactly L_i integers (even L_i: -L/2 .. L/2 - 1)."""
