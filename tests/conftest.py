@@ -34,3 +34,22 @@ def ray_local():
     init_ray(num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+# The switches vqcore reads from the environment at every call. A test that sets one in the
+# process (a benchmark's main() does) must restore it: a leak silently changes every later
+# test's code path (it happened: the fused interpreter path for the rest of the suite).
+_SWITCHES = ("VQCORE_FUSED", "VQCORE_CHECK_FINITE", "TRITON_INTERPRET")
+
+
+@pytest.fixture(autouse=True)
+def _environment_switches_do_not_leak():
+    before = {k: os.environ.get(k) for k in _SWITCHES}
+    yield
+    after = {k: os.environ.get(k) for k in _SWITCHES}
+    for k, v in before.items():  # put it back first, so that one leak fails one test only
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    assert after == before, f"the test changed the environment: {before} -> {after}"

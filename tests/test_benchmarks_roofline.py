@@ -64,8 +64,11 @@ def test_quantizer_roofline_counts_the_fused_search(capsys, monkeypatch):
 
     from benchmarks import quantizers
 
-    for key in ("VQCORE_FUSED", "TRITON_INTERPRET", "VQCORE_CHECK_FINITE"):
-        monkeypatch.delenv(key, raising=False)  # main() sets them; undone after the test
+    # main() sets these in the process, as a CLI may: setenv records them so that the
+    # teardown restores them (delenv of an absent key records nothing: they would leak)
+    for key, value in (("VQCORE_FUSED", "auto"), ("TRITON_INTERPRET", "0"),
+                       ("VQCORE_CHECK_FINITE", "0")):  # fmt: skip
+        monkeypatch.setenv(key, value)
     quantizers.main(["--roofline", "H100", "--tokens", "65536",
                      "--cases", "hrvq_d256_2x90", "vq_d256_k8100_flat"])  # fmt: skip
     rows = {r["case"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
