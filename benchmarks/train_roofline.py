@@ -44,7 +44,7 @@ from benchmarks.train_step import (  # noqa: E402
     parser,
 )
 
-# H100 SXM: dense bf16 / tf32 tensor-core peak (PEAK_TFLOPS) and HBM3 bandwidth
+# memory bandwidth, TB/s (H100 SXM: HBM3, H200: HBM3e); the dense peaks are PEAK_TFLOPS
 HBM_TBPS = {"H100": 3.35, "H200": 4.8}
 
 MATMULS = {"mm", "addmm", "bmm", "baddbmm"}
