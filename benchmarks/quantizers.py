@@ -115,7 +115,7 @@ def _roofline(spec: dict, dim: int, shape: tuple, gpu: str, top: int = 5) -> dic
     on `gpu`'s roofline (benchmarks/train_roofline.py): fp32 inputs, so tf32 peak."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from benchmarks.train_roofline import HBM_TBPS, RooflineMode
+    from benchmarks.train_roofline import HBM_TBPS, RooflineMode, cost_table
     from benchmarks.train_step import PEAK_TFLOPS
 
     peak, bandwidth = PEAK_TFLOPS[gpu]["fp32"] * 1e12, HBM_TBPS[gpu] * 1e12
@@ -127,9 +127,7 @@ def _roofline(spec: dict, dim: int, shape: tuple, gpu: str, top: int = 5) -> dic
             with mode if costed else contextlib.nullcontext():
                 out = q(z)
                 (out.z_q.square().mean() + out.loss).backward()
-    by_op: dict[str, float] = {}
-    for name, flops, moved in mode.ops:
-        by_op[name] = by_op.get(name, 0.0) + max(flops / peak, moved / bandwidth) * 1e3
+    by_op = {k: row["ms"] for k, row in cost_table(mode.ops, peak, bandwidth).items()}
     ranked = sorted(by_op.items(), key=lambda kv: kv[1], reverse=True)[:top]
     return {
         "bound_ms": sum(by_op.values()),

@@ -93,6 +93,23 @@ class RooflineMode(TorchDispatchMode):
         return out
 
 
+def cost_table(ops, peak: float, bandwidth: float, key=lambda name: name) -> dict:
+    """Recorded (operator, FLOPs, bytes) summed per `key(operator)` on the roofline of a GPU
+    with `peak` FLOP/s and `bandwidth` B/s: {key: {ms, compute_ms, memory_ms, tflop, gb,
+    calls}}, ms = Σ max(FLOPs / peak, bytes / bandwidth)."""
+    table: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for name, flops, moved in ops:
+        t_compute, t_memory = flops / peak, moved / bandwidth
+        row = table[key(name)]
+        row["ms"] += max(t_compute, t_memory) * 1e3
+        row["compute_ms"] += t_compute * 1e3
+        row["memory_ms"] += t_memory * 1e3
+        row["tflop"] += flops / 1e12
+        row["gb"] += moved / 1e9
+        row["calls"] += 1
+    return table
+
+
 def roofline(spec: str, dtype: str, args, gpu: str) -> dict:
     cpu = torch.device("cpu")
     with FakeTensorMode():
@@ -105,21 +122,12 @@ def roofline(spec: str, dtype: str, args, gpu: str) -> dict:
             step()
     peak = PEAK_TFLOPS[gpu][dtype] * 1e12
     bandwidth = HBM_TBPS[gpu] * 1e12
-    by_kind: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    by_op: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for name, flops, moved in mode.ops:
-        t_compute, t_memory = flops / peak, moved / bandwidth
-        for table, key in ((by_kind, kind_of(name)), (by_op, name)):
-            row = table[key]
-            row["ms"] += max(t_compute, t_memory) * 1e3
-            row["compute_ms"] += t_compute * 1e3
-            row["memory_ms"] += t_memory * 1e3
-            row["tflop"] += flops / 1e12
-            row["gb"] += moved / 1e9
-            row["calls"] += 1
+    by_kind = cost_table(mode.ops, peak, bandwidth, kind_of)
+    by_op = cost_table(mode.ops, peak, bandwidth)
     total_ms = sum(r["ms"] for r in by_kind.values())
     flops = sum(f for _, f, _ in mode.ops)  # executed: recomputation included
-    useful = model_flops(spec, dtype, args)  # MFU's numerator: recomputation excluded
+    # MFU's numerator, recomputation excluded: without checkpointing, what ran
+    useful = model_flops(spec, dtype, args) if args.grad_checkpoint else flops
     top = sorted(by_op.items(), key=lambda kv: kv[1]["ms"], reverse=True)[: args.top]
     return {
         "shape": list(x.shape),
