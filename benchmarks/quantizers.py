@@ -4,7 +4,7 @@
     python benchmarks/quantizers.py --device cpu --tokens 8192 --cases vq_d256_k8192_ema
     python benchmarks/quantizers.py --fused off      # the chunked torch search on CUDA too
     python benchmarks/quantizers.py --compile on --no-reference   # ours under torch.compile
-    python benchmarks/quantizers.py --roofline H100   # no GPU: where an H100's time must go
+    python benchmarks/quantizers.py --roofline H100 --tokens 65536   # no GPU: an H100 model
 
 The issue-8 targets: vq_d256_k8192_ema; looc_d256_m32_k256 against vector-quantize-pytorch's
 32 heads x dim 8 sharing one 256-code codebook; lfq_2^16 (entropy loss on); hrvq_d256_2x90
