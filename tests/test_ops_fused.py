@@ -145,15 +145,17 @@ def _latents(kind: str, n: int = 512, k: int = 300):
 
 @kernel
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
-@pytest.mark.parametrize("d", [8, 80])
-def test_integer_grid_exact_ties_go_to_lowest_code(precision, d):
+@pytest.mark.parametrize("d,splits", [(8, 1), (80, 1), (8, 3)])
+def test_integer_grid_exact_ties_go_to_lowest_code(precision, d, splits):
     """Small integers are exact in bf16/tf32 and all sums exact in fp32: the kernel must equal
     torch's argmin (first index among exact ties, which are common here) and its distances.
-    N = 509 and K = 300 are not multiples of the blocks; D = 80 takes two D slices."""
+    N = 509 and K = 300 are not multiples of the blocks; D = 80 takes two D slices; with 3
+    splits the codebook is cut into slices of 128, 128 and 44 codes, and ties across slices
+    must still go to the lowest code."""
     g = torch.Generator().manual_seed(1)
     x = torch.randint(-2, 3, (509, d), generator=g).float()
     e = torch.randint(-2, 3, (300, d), generator=g).float()
-    _, codes, dists = _search(x, e, precision)
+    _, codes, dists = _search(x, e, precision, splits=splits)
     full = _exact(x.double(), e)
     ties = (full == full.min(1, keepdim=True).values).sum(1) > 1
     assert ties.sum() > 10  # the test does exercise ties
@@ -204,6 +206,31 @@ def test_grouped_search_matches_per_token_search():
     assert torch.equal(codes, expected)
     _, codes, _ = _search(x, books, "tf32", group_n=group.to(DEVICE), block_n=32, block_k=32)
     assert (codes == expected).float().mean() >= 0.99
+    _, codes, _ = _search(x, books, "fp32", group_n=group.to(DEVICE), block_k=16, splits=4)
+    assert torch.equal(codes, expected)  # 70 codes in slices of 16, 16, 16, 16, 6
+
+
+@kernel
+@pytest.mark.parametrize("kind", ["integers", "random8"])
+def test_nearest_feature_per_code_fused(kind, monkeypatch):
+    """CVQ's closest feature of each code: the kernel with codes and features swapped, cut
+    over the features, picks what the chunked torch path picks (exact ties: lowest row)."""
+    from vqcore.ops import nearest_feature_per_code
+
+    g = torch.Generator().manual_seed(5)
+    if kind == "integers":
+        x, e = (
+            torch.randint(-2, 3, (700, 8), generator=g),
+            torch.randint(-2, 3, (40, 8), generator=g),
+        )
+        x, e = x.float(), e.float()
+    else:
+        x, e = torch.randn(700, 8, generator=g), torch.randn(40, 8, generator=g)
+    want = nearest_feature_per_code(x, e, fused=False)
+    got = nearest_feature_per_code(x.to(DEVICE), e.to(DEVICE), fused=True).cpu()
+    assert torch.equal(got, want)
+    rows = tn.nearest_code_fused(e.to(DEVICE), x.to(DEVICE), splits=5)[0].cpu()
+    assert torch.equal(x[rows], want)  # 700 features in 4 slices: 3 of 192, one of 124
 
 
 @kernel
@@ -241,10 +268,13 @@ def test_cosine_and_empty_input():
 
 
 GROUPED_FAMILIES = ["pq", "hrvq"]
+# looc: CVQ's closest-feature search (on by default) runs the kernel with codes and features
+# swapped
+FUSED_FAMILIES = GROUPED_FAMILIES + ["vq", "looc"]
 
 
 @kernel
-@pytest.mark.parametrize("family", GROUPED_FAMILIES + ["vq"])
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
 def test_fused_training_step_reads_nothing_back(family, monkeypatch):
     """Through the fused search, a training forward + backward of the grouped families
     (whose torch fallback splits tokens on the host) has no data-dependent op: the token sort
@@ -264,7 +294,7 @@ def test_fused_training_step_reads_nothing_back(family, monkeypatch):
 
 
 @kernel
-@pytest.mark.parametrize("family", GROUPED_FAMILIES + ["vq"])
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
 def test_fused_search_compiles_into_one_graph(family, monkeypatch):
     """torch.compile(fullgraph=True) of a training forward with the fused search: the launch
     is one custom op, the sort before it is traced; the same codes as eager."""

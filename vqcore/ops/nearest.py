@@ -108,12 +108,20 @@ def nearest_code(
 
 @torch.no_grad()
 def nearest_feature_per_code(
-    x_nd: torch.Tensor, codebook_kd: torch.Tensor, budget_elements: int = DEFAULT_BUDGET_ELEMENTS
+    x_nd: torch.Tensor,
+    codebook_kd: torch.Tensor,
+    budget_elements: int = DEFAULT_BUDGET_ELEMENTS,
+    fused: bool | None = None,
 ) -> torch.Tensor:
-    """For every code, the row of `x` closest to it (CVQ-VAE's "closest" anchor), chunked over N.
+    """For every code, the row of `x` closest to it (CVQ-VAE's "closest" anchor).
 
-    Returns (K, D) features in x's dtype.
+    The same search as `nearest_code` with the roles swapped (the K codes search the N
+    features), so the fused kernel runs it as such, cut over the features to fill the GPU
+    (`fused`: as in `nearest_code`); the torch path is chunked over N. Exact ties go to the
+    lowest row. Returns (K, D) features in x's dtype.
     """
+    if use_fused(x_nd, fused):
+        return x_nd[triton_nearest.nearest_code_fused(codebook_kd, x_nd)[0]]
     e = codebook_kd.float()
     k = e.shape[0]
     best = torch.full((k,), float("inf"), device=x_nd.device)

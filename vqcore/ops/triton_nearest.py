@@ -8,7 +8,10 @@ per token) the kernel computes
 tiled as a matmul: a program owns BLOCK_N rows of x, walks the codebook BLOCK_K codes at a
 time, accumulates x·eᵀ over D in BLOCK_D slices with `tl.dot` (fp32 accumulator), and keeps a
 running (min, argmin) per row in registers. Only N codes and N minima are written; the
-(BLOCK_N, BLOCK_K) tile never leaves the SM.
+(BLOCK_N, BLOCK_K) tile never leaves the SM. When there are too few blocks of rows to fill
+the GPU (few rows, many codes: CVQ's closest feature of each of 256 codes among millions of
+features), the codebook is also cut into S slices, split-K style: a second grid axis, each
+program writes its slice's (min, argmin), and torch reduces the N x S results after.
 
 Precision. Operands are rounded once, in torch: bf16/fp16 inputs keep their dtype (the fp32
 codebook is cast to it), fp32 inputs are rounded to tf32 (`round_to_tf32`, so a tf32 `tl.dot`
@@ -91,11 +94,12 @@ if triton is not None:
         block_group_ptr,  # (num_blocks,) int64: codebook of each block (GROUPED only)
         block_start_ptr,  # (num_blocks,) int64: first sorted position of each block
         block_end_ptr,  # (num_blocks,) int64: end of the block's codebook run
-        best_ptr,  # (N,) fp32 out: RERANK: ||x - e||², else min_k ||e_k||² - 2 x·e_k
-        code_ptr,  # (N,) int64 out: argmin
+        best_ptr,  # (N, S) fp32 out: RERANK: ||x - e||², else min_k ||e_k||² - 2 x·e_k
+        code_ptr,  # (N, S) int64 out: argmin
         N,
         K,
         D,
+        K_PER_SPLIT,  # codes searched by one program: split s owns [s·K_PER_SPLIT, +K_PER_SPLIT)
         GROUPED: tl.constexpr,
         RERANK: tl.constexpr,  # keep the 2 best codes, pick between them in exact fp32
         WIDEN: tl.constexpr,  # interpreter: widen operands to fp32 before tl.dot
@@ -105,6 +109,10 @@ if triton is not None:
         BLOCK_D: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        split = tl.program_id(1)  # which slice of the codebook (split-K over codes)
+        num_splits = tl.num_programs(1)
+        k_lo = split * K_PER_SPLIT
+        k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
         lanes = tl.arange(0, BLOCK_N)
         if GROUPED:
             group = tl.load(block_group_ptr + pid)
@@ -113,25 +121,25 @@ if triton is not None:
             pos = start + lanes
             row_ok = pos < end
             rows = tl.load(order_ptr + pos, mask=row_ok, other=0)
-            k_stop = tl.where(start < end, K, 0)  # blocks past the last token search nothing
+            k_stop = tl.where(start < end, k_hi, k_lo)  # blocks past the last token: nothing
             group_codes = group.to(tl.int64) * K  # first code of this block's codebook
         else:
             rows = pid * BLOCK_N + lanes
             row_ok = rows < N
-            k_stop = K
+            k_stop = k_hi
             group_codes = 0
         rows = rows.to(tl.int64)
         e_base = e_ptr + group_codes * D
         inf = float("inf")
         best = tl.full((BLOCK_N,), inf, tl.float32)  # running best score and code
-        best_k = tl.zeros((BLOCK_N,), tl.int64)
+        best_k = tl.zeros((BLOCK_N,), tl.int64) + k_lo
         second = tl.full((BLOCK_N,), inf, tl.float32)  # running second best (RERANK)
-        second_k = tl.zeros((BLOCK_N,), tl.int64)
+        second_k = tl.zeros((BLOCK_N,), tl.int64) + k_lo
         dd = tl.arange(0, BLOCK_D)
         cols = tl.arange(0, BLOCK_K)
-        for k0 in range(0, k_stop, BLOCK_K):
+        for k0 in range(k_lo, k_stop, BLOCK_K):
             kk = k0 + cols
-            k_ok = kk < K
+            k_ok = kk < k_hi
             acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 d_ok = (d0 + dd) < D
@@ -185,12 +193,13 @@ if triton is not None:
                 eb = tl.load(er_base + second_k[:, None] * D + cd, mask=m, other=0.0)
                 d_first += tl.sum((xt - ea) * (xt - ea), axis=1)
                 d_second += tl.sum((xt - eb) * (xt - eb), axis=1)
-            # K == 1 leaves second_k = 0 = best_k; exact ties go to the lower code
+            # one code in the split leaves second_k = best_k; exact ties go to the lower code
             swap = (d_second < d_first) | ((d_second == d_first) & (second_k < best_k))
             best = tl.where(swap, d_second, d_first)
             best_k = tl.where(swap, second_k, best_k)
-        tl.store(best_ptr + rows, best, mask=row_ok)
-        tl.store(code_ptr + rows, best_k, mask=row_ok)
+        out = rows * num_splits + split
+        tl.store(best_ptr + out, best, mask=row_ok)
+        tl.store(code_ptr + out, best_k, mask=row_ok)
 
 
 _KERNELS: dict[bool, object] = {}
@@ -246,6 +255,20 @@ def _grouped_blocks(group_n: torch.Tensor, num_groups: int, block_n: int):
     return order, g, start, end
 
 
+def auto_splits(device: torch.device, token_blocks: int, num_codes: int, block_k: int) -> int:
+    """Codebook slices per block of tokens: 1 while the token blocks alone give every SM two
+    programs (a codebook search of 65,536 tokens: 1,024 blocks), else enough slices to do so,
+    at most one per tile of codes. Few tokens against many codes (CVQ's closest feature per
+    code: 256 "tokens" against every feature) would otherwise run on a handful of SMs.
+    Off CUDA (the interpreter) 1."""
+    if device.type != "cuda":
+        return 1
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    if token_blocks >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, max(1, token_blocks)), triton.cdiv(num_codes, block_k)))
+
+
 @torch.no_grad()
 def nearest_code_fused(
     x_nd: torch.Tensor,
@@ -256,6 +279,7 @@ def nearest_code_fused(
     rerank: bool | None = None,
     block_n: int = BLOCK_N,
     block_k: int = BLOCK_K,
+    splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused `nearest_code`: codes (N,) int64 and distance (N,) fp32 (l2: squared; cosine:
     1 - cos), the same contract as `vqcore.ops.nearest_code`.
@@ -264,6 +288,8 @@ def nearest_code_fused(
     input_precision: how fp32 operands enter `tl.dot` ("tf32" or "ieee"); bf16/fp16 inputs
     are used as they are. rerank: keep the two best codes of the rounded scores and choose
     between them by exact fp32 distance (None: on unless the operands are exact fp32).
+    splits: programs per block of tokens, each searching a slice of the codebook, their
+    minima reduced after the launch (None: enough to fill the GPU, see `auto_splits`).
     Needs `can_run(x_nd)`.
     """
     if not available():
@@ -306,9 +332,15 @@ def nearest_code_fused(
     esq = e_op.float().pow(2).sum(-1).contiguous()  # (G, K)
     blocks = list(_grouped_blocks(group_n.long(), books.shape[0], block_n)) if grouped else []
     precision = input_precision if dtype == torch.float32 else "tf32"  # fp32 operands only
-    codes, best = _launch(
-        x_op, e_op, esq, x, books.contiguous(), blocks, rerank, precision, block_n, block_k
-    )
+    k = books.shape[1]
+    token_blocks = blocks[1].shape[0] if grouped else triton.cdiv(x_nd.shape[0], block_n)
+    if splits is None:
+        splits = auto_splits(x_nd.device, token_blocks, k, block_k)
+    if splits < 1:
+        raise ValueError(f"nearest_code_fused: splits must be >= 1, got {splits}")
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k  # whole tiles
+    tiling = [block_n, block_k, k_per_split, triton.cdiv(k, k_per_split)]  # no empty split
+    codes, best = _launch(x_op, e_op, esq, x, books.contiguous(), blocks, rerank, precision, tiling)
     dists = best if rerank else best + x.float().pow(2).sum(1)
     if metric == "cosine":
         dists = dists / 2  # ||a - b||² = 2 - 2cos for unit vectors
@@ -328,25 +360,25 @@ def _launch(
     blocks: list[torch.Tensor],
     rerank: bool,
     precision: str,
-    block_n: int,
-    block_k: int,
+    tiling: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel over prepared operands (see `nearest_code_fused`): codes (N,) int64 and the
     best score (N,) fp32 (||x - e||² with `rerank`, else ||e||² - 2 x·e). `blocks`: the
     grouped search's [order, block_group, block_start, block_end] of `_grouped_blocks`, or
-    [] for one codebook."""
+    [] for one codebook. `tiling`: [block_n, block_k, codes per split, splits]."""
+    block_n, block_k, k_per_split, splits = tiling
     n, d = x_op.shape
     k = e_op.shape[1]
-    best = torch.empty(n, dtype=torch.float32, device=x_op.device)
-    codes = torch.empty(n, dtype=torch.long, device=x_op.device)
+    best = torch.empty(n * splits, dtype=torch.float32, device=x_op.device)
+    codes = torch.empty(n * splits, dtype=torch.long, device=x_op.device)
     if n == 0:
         return codes, best
     if blocks:
         order, block_group, block_start, block_end = blocks
-        grid = (block_group.shape[0],)
+        grid = (block_group.shape[0], splits)
     else:
         order = block_group = block_start = block_end = codes  # unused pointers
-        grid = (triton.cdiv(n, block_n),)
+        grid = (triton.cdiv(n, block_n), splits)
     kernel, interpreted = _kernel()
     kernel[grid](
         x_op,
@@ -363,6 +395,7 @@ def _launch(
         n,
         k,
         d,
+        k_per_split,
         GROUPED=bool(blocks),
         RERANK=rerank,
         WIDEN=interpreted and x_op.dtype == torch.bfloat16,
@@ -371,11 +404,14 @@ def _launch(
         BLOCK_K=block_k,
         BLOCK_D=max(16, min(MAX_BLOCK_D, triton.next_power_of_2(d))),
     )
+    if splits > 1:  # the best of the splits; min takes the first (lowest codes) on ties
+        best, pick = best.view(n, splits).min(1)
+        codes = codes.view(n, splits).gather(1, pick[:, None]).squeeze(1)
     return codes, best
 
 
 @_launch.register_fake
-def _launch_fake(x_op, e_op, esq, x, books, blocks, rerank, precision, block_n, block_k):
+def _launch_fake(x_op, e_op, esq, x, books, blocks, rerank, precision, tiling):
     n = x_op.shape[0]
     return x_op.new_empty(n, dtype=torch.long), x_op.new_empty(n, dtype=torch.float32)
 
