@@ -189,6 +189,33 @@ def test_agreement_with_exact_search(kind, precision):
 
 
 @kernel
+@pytest.mark.parametrize(
+    "dtype,tf32",
+    [
+        (torch.float32, True),
+        (torch.float32, False),
+        (torch.bfloat16, False),
+        (torch.float16, False),
+    ],
+)
+def test_operands_round_like_torch(dtype, tf32):
+    """The operand kernel rounds as `round_to_tf32` / torch's casts (to nearest, ties to even,
+    inf and nan kept) and sums the squares of what it rounded; from fp32 and from bf16 input.
+    Normal-range values: subnormals are flushed by the interpreter, not by the GPU."""
+    g = torch.Generator().manual_seed(6)
+    scale = torch.logspace(-3, 3, 24) if dtype == torch.float16 else torch.logspace(-20, 20, 24)
+    t = torch.randn(300, 24, generator=g) * scale
+    t[0, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0, -1.0])
+    t[1, :4] = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-11, 1 + 3 * 2**-11])  # ties
+    for src in (t, t.bfloat16()):
+        op, sq = tn._operands(src.to(DEVICE), dtype, tf32)
+        want = tn.round_to_tf32(src) if tf32 else src.to(dtype)
+        assert op.dtype == dtype
+        torch.testing.assert_close(op.cpu(), want, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(sq.cpu()[2:], want[2:].float().pow(2).sum(-1), rtol=1e-6, atol=0)
+
+
+@kernel
 def test_grouped_search_matches_per_token_search():
     """G = 6 codebooks, one empty, one with several blocks of tokens, one with a single
     token: every token searched in its own codebook only, one launch."""

@@ -13,9 +13,11 @@ the GPU (few rows, many codes: CVQ's closest feature of each of 256 codes among 
 features), the codebook is also cut into S slices, split-K style: a second grid axis, each
 program writes its slice's (min, argmin), and torch reduces the N x S results after.
 
-Precision. Operands are rounded once, in torch: bf16/fp16 inputs keep their dtype (the fp32
-codebook is cast to it), fp32 inputs are rounded to tf32 (`round_to_tf32`, so a tf32 `tl.dot`
-sees them unchanged) or kept exact ("ieee"). ||e||² is taken of the rounded codebook, so each
+Precision. Operands are rounded once, before the search, by a one-pass kernel that also sums
+each rounded row's squares (`_operands`): bf16/fp16 inputs keep their dtype (the fp32
+codebook is rounded to it), fp32 inputs are rounded to tf32 (as `round_to_tf32`, the torch
+reference, so a tf32 `tl.dot` sees them unchanged) or kept exact ("ieee"). ||e||² is taken of
+the rounded codebook, so each
 score ||ẽ||² - 2 x̃·ẽ is the exact distance between the rounded points (minus ||x̃||²) up to
 fp32 accumulation; its error is then at most about 2u·||x - e||·(||x|| + ||e||) for unit
 roundoff u, small for the near codes that compete (rounding e alone in ||e||² but not in the
@@ -201,16 +203,46 @@ if triton is not None:
         tl.store(best_ptr + out, best, mask=row_ok)
         tl.store(code_ptr + out, best_k, mask=row_ok)
 
+    def _operands_kernel(
+        src_ptr,  # (R, D) any float dtype, contiguous
+        dst_ptr,  # (R, D) out: operand dtype
+        sq_ptr,  # (R,) fp32 out: squared norm of each operand row
+        R,
+        D,
+        DROP: tl.constexpr,  # mantissa bits to round off (tf32, fp16: 13, bf16: 16, fp32: 0)
+        BLOCK_R: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        row_ok = rows < R
+        dd = tl.arange(0, BLOCK_D)
+        sq = tl.zeros((BLOCK_R,), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            m = row_ok[:, None] & ((d0 + dd) < D)[None, :]
+            at = rows[:, None] * D + (d0 + dd)[None, :]
+            v = tl.load(src_ptr + at, mask=m, other=0.0).to(tl.float32)
+            if DROP > 0:  # round to nearest, ties to even, on the bits (as `round_to_tf32`)
+                bits = v.to(tl.int32, bitcast=True)
+                up = (bits + ((1 << (DROP - 1)) - 1) + ((bits >> DROP) & 1)) & -(1 << DROP)
+                finite = (bits & 0x7F800000) != 0x7F800000
+                v = tl.where(finite, up.to(tl.float32, bitcast=True), v)
+            v = v.to(dst_ptr.dtype.element_ty)  # exact now (the interpreter would truncate)
+            tl.store(dst_ptr + at, v, mask=m)
+            w = v.to(tl.float32)
+            sq += tl.sum(w * w, axis=1)
+        tl.store(sq_ptr + rows, sq, mask=row_ok)
 
-_KERNELS: dict[bool, object] = {}
+
+_KERNELS: dict[tuple[str, bool], object] = {}
 
 
-def _kernel():
-    """The kernel, jitted on first use for the current mode (compiled or interpreted)."""
+def _kernel(name: str = "nearest"):
+    """A kernel, jitted on first use for the current mode (compiled or interpreted)."""
     mode = interpreting()
-    if mode not in _KERNELS:
-        _KERNELS[mode] = triton.jit(_nearest_kernel)
-    return _KERNELS[mode], mode
+    if (name, mode) not in _KERNELS:
+        fn = _nearest_kernel if name == "nearest" else _operands_kernel
+        _KERNELS[name, mode] = triton.jit(fn)
+    return _KERNELS[name, mode], mode
 
 
 def _operand_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -220,8 +252,9 @@ def _operand_dtype(dtype: torch.dtype) -> torch.dtype:
 def round_to_tf32(t: torch.Tensor) -> torch.Tensor:
     """fp32 -> the nearest tf32 value (10 mantissa bits, ties to even), still stored as fp32.
 
-    Operands rounded here enter a tf32 `tl.dot` unchanged whatever rounding the tensor cores
-    apply, and the interpreter (plain fp32 matmul) computes the same products.
+    The torch reference of the operand kernel's rounding: operands so rounded enter a tf32
+    `tl.dot` unchanged whatever rounding the tensor cores apply, and the interpreter (plain
+    fp32 matmul) computes the same products.
     """
     bits = t.float().contiguous().view(torch.int32)
     lsb = (bits >> 13) & 1
@@ -322,14 +355,12 @@ def nearest_code_fused(
     if metric == "cosine":
         books = torch.nn.functional.normalize(books, dim=-1)
         x = torch.nn.functional.normalize(x.float(), dim=-1)
-    x = x.contiguous()
-    if dtype == torch.float32 and input_precision == "tf32":
-        x_op, e_op = round_to_tf32(x), round_to_tf32(books)
-    else:
-        x_op, e_op = x.to(dtype).contiguous(), books.to(dtype).contiguous()
+    x, books = x.contiguous(), books.contiguous()
+    tf32 = dtype == torch.float32 and input_precision == "tf32"
+    x_op, x_sq = _operands(x, dtype, tf32)
     # ||e||² of the operand codebook, in fp32: the scores are then exact distances between the
     # rounded operands (up to fp32 accumulation), the same search the reference runs
-    esq = e_op.float().pow(2).sum(-1).contiguous()  # (G, K)
+    e_op, esq = _operands(books, dtype, tf32)  # (G, K, D), (G, K)
     blocks = list(_grouped_blocks(group_n.long(), books.shape[0], block_n)) if grouped else []
     precision = input_precision if dtype == torch.float32 else "tf32"  # fp32 operands only
     k = books.shape[1]
@@ -340,11 +371,43 @@ def nearest_code_fused(
         raise ValueError(f"nearest_code_fused: splits must be >= 1, got {splits}")
     k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k  # whole tiles
     tiling = [block_n, block_k, k_per_split, triton.cdiv(k, k_per_split)]  # no empty split
-    codes, best = _launch(x_op, e_op, esq, x, books.contiguous(), blocks, rerank, precision, tiling)
-    dists = best if rerank else best + x.float().pow(2).sum(1)
+    codes, best = _launch(x_op, e_op, esq, x, books, blocks, rerank, precision, tiling)
+    dists = best if rerank else best + x_sq
     if metric == "cosine":
         dists = dists / 2  # ||a - b||² = 2 - 2cos for unit vectors
     return codes, dists
+
+
+# fp32 mantissa bits (23) minus the operand's: tf32 and fp16 keep 10, bf16 7
+_DROP_BITS = {torch.float32: 13, torch.float16: 13, torch.bfloat16: 16}
+
+
+@torch.library.custom_op("vqcore::nearest_code_operands", mutates_args=())
+def _operands(t: torch.Tensor, dtype: torch.dtype, tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`t` (..., D) as the kernel's operand: rounded to nearest `dtype` (fp32: to tf32 with
+    `tf32`, as `round_to_tf32`), and the squared norm of each operand row (...,) in fp32, in
+    one pass (in eager torch the tf32 rounding alone is ~10 elementwise kernels over N x D).
+    The rounding is done on the fp32 bits and the cast after it is exact: Triton's
+    interpreter truncates fp32 -> bf16 casts where the GPU rounds to nearest (and flushes
+    subnormals to zero). fp16 values outside its normal range are cast by the hardware."""
+    d = t.shape[-1]
+    rows = t.numel() // max(1, d)
+    op = torch.empty(t.shape, dtype=dtype, device=t.device)
+    sq = torch.empty(t.shape[:-1], dtype=torch.float32, device=t.device)
+    if rows == 0:
+        return op, sq.zero_()
+    kernel, _ = _kernel("operands")
+    drop = _DROP_BITS[dtype] if tf32 or dtype != torch.float32 else 0
+    block_d = max(16, min(MAX_BLOCK_D, triton.next_power_of_2(d)))
+    block_r = max(1, 4096 // block_d)
+    grid = (triton.cdiv(rows, block_r),)
+    kernel[grid](t, op, sq, rows, d, DROP=drop, BLOCK_R=block_r, BLOCK_D=block_d)
+    return op, sq
+
+
+@_operands.register_fake
+def _operands_fake(t, dtype, tf32):
+    return t.new_empty(t.shape, dtype=dtype), t.new_empty(t.shape[:-1], dtype=torch.float32)
 
 
 # The launch is a custom op: torch.compile keeps it as one node of its graph (Dynamo cannot
