@@ -65,6 +65,10 @@ def kind_of(op: str) -> str:
     return next((k for k, keys in KINDS if any(s in name for s in keys)), "elementwise/other")
 
 
+# not tagged as views, yet they move no data (reshape of a fresh copy returns `_unsafe_view`)
+NO_DATA = {"aten._unsafe_view"}
+
+
 class RooflineMode(TorchDispatchMode):
     """Records (operator, FLOPs, bytes) of every dispatched aten operator."""
 
@@ -81,6 +85,7 @@ class RooflineMode(TorchDispatchMode):
         if (
             func.namespace not in ("aten", "vqcore")
             or func.is_view
+            or str(packet) in NO_DATA
             or not outputs
             or "empty" in str(packet)
         ):
