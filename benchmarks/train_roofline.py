@@ -67,6 +67,9 @@ def kind_of(op: str) -> str:
 
 # not tagged as views, yet they move no data (reshape of a fresh copy returns `_unsafe_view`)
 NO_DATA = {"aten._unsafe_view"}
+# factories that take a tensor for its metadata only: they write their output, read nothing
+LIKE = {"aten.new_zeros", "aten.new_ones", "aten.new_full", "aten.zeros_like", "aten.ones_like"}
+LIKE |= {"aten.full_like", "aten.rand_like", "aten.randn_like", "aten.randint_like"}
 
 
 class RooflineMode(TorchDispatchMode):
@@ -93,6 +96,8 @@ class RooflineMode(TorchDispatchMode):
         count = flop_registry.get(packet)
         flops = count(*args, **kwargs, out_val=out) if count else 0
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if str(packet) in LIKE:
+            inputs = []
         moved = sum(t.numel() * t.element_size() for t in inputs + outputs)
         self.ops.append((str(packet), int(flops), moved))
         return out

@@ -15,10 +15,12 @@ def test_one_matmul_costs_its_flops_and_bytes():
         with mode:
             c = a @ b
             c.t().reshape(-1)  # a view, then a copy of the non-contiguous view
+            c.new_zeros(())  # reads nothing of c
     ops = {name: (flops, moved) for name, flops, moved in mode.ops}
     assert ops["aten.mm"] == (2 * 64 * 32 * 16, 4 * (64 * 32 + 32 * 16 + 64 * 16))
     assert "aten.t" not in ops and "aten.view" not in ops  # views move nothing
     assert "aten._unsafe_view" not in ops  # reshape's view of its copy: not tagged a view
+    assert ops["aten.new_zeros"] == (0, 4)  # writes one float
     assert ops["aten.clone"][1] == 2 * 4 * 64 * 16  # read and written once
 
 

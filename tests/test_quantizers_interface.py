@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from vqcore.quantizers import Quantized, build, names
+from vqcore.quantizers.base import straight_through
 
 FAMILIES = names()
 SHAPES = {"2d": (2, 8, 6, 5), "3d": (2, 8, 3, 4, 5)}
@@ -59,7 +60,21 @@ def test_decode_encode_round_trip(family, layout):
     codes = q.encode(z)
     for a, b in zip(_flat_codes(codes), _flat_codes(out.codes)):
         assert torch.equal(a, b)
-    torch.testing.assert_close(q.decode(codes), out.z_q, atol=1e-6, rtol=0)
+    torch.testing.assert_close(q.decode(codes), out.z_q, atol=0, rtol=0)  # bit for bit
+
+
+def test_straight_through_is_the_value_and_the_identity_gradient():
+    """straight_through(z, z_q): z_q itself (promoted dtype), not z + (z_q - z) rounded; the
+    output's gradient reaches z unchanged in z's dtype, and nothing reaches z_q."""
+    z = torch.randn(4, 3, dtype=torch.bfloat16, requires_grad=True)
+    z_q = torch.randn(4, 3, requires_grad=True) * 1e3
+    z_q.retain_grad()
+    out = straight_through(z, z_q)
+    assert out.dtype == torch.float32 and torch.equal(out, z_q)
+    g = torch.randn(4, 3)
+    out.backward(g)
+    assert z.grad.dtype == torch.bfloat16 and torch.equal(z.grad, g.bfloat16())
+    assert z_q.grad is None
 
 
 def test_encode_has_no_side_effects(family):

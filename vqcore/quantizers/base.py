@@ -87,8 +87,32 @@ def from_tokens(x_nc: torch.Tensor, spatial: torch.Size) -> torch.Tensor:
 
 
 def straight_through(z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
-    """Forward value z_q, gradient of identity to z (VQ-VAE, arXiv:1711.00937, sec. 3.1)."""
-    return z + (z_q - z).detach()
+    """Forward value z_q, gradient of identity to z (VQ-VAE, arXiv:1711.00937, sec. 3.1):
+    what `z + (z_q - z).detach()` means, without its two passes or its rounding of z_q."""
+    return add_scaled_identity(z_q.detach(), z, 1.0)
+
+
+def add_scaled_identity(value: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
+    """`value + scale·(z - sg[z])`: the value of `value` (in the dtype promoted with z's),
+    with `scale` times the output's gradient added to z's. The term has value 0 and Jacobian
+    scale·I; written out it costs two passes over the tensors, here none."""
+    return _AddScaledIdentity.apply(value, z, scale)
+
+
+class _AddScaledIdentity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale, ctx.dtypes = scale, (value.dtype, z.dtype)
+        return value.to(torch.promote_types(value.dtype, z.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        to_value, to_z, _ = ctx.needs_input_grad
+        g_value = grad.to(ctx.dtypes[0]) if to_value else None
+        g_z = None
+        if to_z and ctx.scale != 0:
+            g_z = (grad if ctx.scale == 1 else grad * ctx.scale).to(ctx.dtypes[1])
+        return g_value, g_z, None
 
 
 # --- code usage: histogram counters, synced across ranks -----------------------------------

@@ -135,6 +135,12 @@ class PyramidQuantizer(ResidualQuantizer):
         tokens, spatial = to_tokens(x)
         return from_tokens(self.fuse[i](tokens), spatial)
 
+    def _identity_paths(self, z: torch.Tensor, q_sum: torch.Tensor, num: int, size) -> torch.Tensor:
+        """ẑ = ι + Σ_i (q_i - P_i ι), P_i = up ∘ down of level i (see rvq's "Gradients")."""
+        identity = z - z.detach()
+        paths = sum(self._up(i, self._down(i, identity), size) for i in range(num))
+        return q_sum + identity - paths
+
     def _pack(self, codes: list[torch.Tensor]) -> Codes:
         return tuple(codes)
 

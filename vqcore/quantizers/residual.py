@@ -42,7 +42,14 @@ import torch
 from torch import nn
 
 from vqcore.ops import broadcast_
-from vqcore.quantizers.base import Codes, CodeUsage, Quantized, Quantizer, QuantizerConfig
+from vqcore.quantizers.base import (
+    Codes,
+    CodeUsage,
+    Quantized,
+    Quantizer,
+    QuantizerConfig,
+    add_scaled_identity,
+)
 from vqcore.quantizers.codebook import Codebook
 from vqcore.quantizers.registry import build, make_config, register
 
@@ -158,6 +165,13 @@ class ResidualQuantizer(Quantizer):
     def bits_per_token(self) -> float:
         return sum(level.bits_per_token for level in self.levels)
 
+    def _scale(self, i: int, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """x · s_i (x / s_i with `inverse`); s_i = 1 (learned codebooks) is no pass over x."""
+        s = self.level_scales[i]
+        if s == 1:
+            return x
+        return x / s if inverse else x * s
+
     # -- hooks that `pyramid` overrides: resampling per level, code layout, level count
     def _down(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -195,17 +209,15 @@ class ResidualQuantizer(Quantizer):
     # -- forward / decode
     def quantize(self, z: torch.Tensor) -> Quantized:
         size = z.shape[2:]
-        identity = z - z.detach()  # ι: value 0, Jacobian I (see "Gradients")
-        z_q, residual = identity, z
+        q_sum, residual = None, z
         loss = z.new_zeros(())
         codes: list[torch.Tensor] = []
         metrics: dict[str, torch.Tensor] = {}
         num = self._active_levels(z.device)
         for i in range(num):
-            s = self.level_scales[i]
-            out = self.levels[i].quantize(self._down(i, residual) / s)
-            q = self._fuse(i, self._up(i, out.z_q * s, size))  # q_i = s_i Q_i(r_i / s_i)
-            z_q = z_q + q - self._up(i, self._down(i, identity), size)
+            out = self.levels[i].quantize(self._scale(i, self._down(i, residual), inverse=True))
+            q = self._fuse(i, self._up(i, self._scale(i, out.z_q), size))  # s_i Q_i(r_i / s_i)
+            q_sum = q if q_sum is None else q_sum + q
             residual = residual - q.detach()  # r_{i+1} = r_i - q_i (Alg. 1)
             loss = loss + out.loss  # Σ_i over depth, as RQ-VAE's L_commit
             codes.append(out.codes)
@@ -213,7 +225,13 @@ class ResidualQuantizer(Quantizer):
         hist = self._count(codes)
         metrics.update(CodeUsage.stats(hist[:num]))
         metrics["levels"] = torch.tensor(float(num))
-        return Quantized(z_q, self._pack(codes), loss, metrics)
+        return Quantized(
+            self._identity_paths(z, q_sum, num, size), self._pack(codes), loss, metrics
+        )
+
+    def _identity_paths(self, z: torch.Tensor, q_sum: torch.Tensor, num: int, size) -> torch.Tensor:
+        """ẑ = ι + Σ_i (q_i - P_i ι) = Σ_i q_i + (1 - n)·ι with P_i = I (see "Gradients")."""
+        return add_scaled_identity(q_sum, z, 1.0 - num)
 
     def _count(self, codes: list[torch.Tensor]) -> torch.Tensor:
         """One (L, K) histogram for all levels: a single all-reduce in training."""
@@ -227,7 +245,6 @@ class ResidualQuantizer(Quantizer):
         parts, size = self._unpack(codes)
         z_q = None
         for i, c in enumerate(parts):
-            s = self.level_scales[i]
-            q = self._fuse(i, self._up(i, self.levels[i].decode(c) * s, size))
+            q = self._fuse(i, self._up(i, self._scale(i, self.levels[i].decode(c)), size))
             z_q = q if z_q is None else z_q + q
         return z_q
