@@ -49,7 +49,11 @@ def test_3d_default_runs_small_clip():
         (PatchDiscriminator2DConfig.debug, torch.randn(2, 3, 11, 40), "too small"),
         (PatchDiscriminator2DConfig.debug, torch.randn(2, 1, 16, 16), "3 channels"),
         (PatchDiscriminator2DConfig.debug, torch.randn(2, 3, 2, 16, 16), "4-d"),
-        (PatchDiscriminator2DConfig.debug, torch.zeros(2, 3, 16, 16, dtype=torch.uint8), "floating"),
+        (
+            PatchDiscriminator2DConfig.debug,
+            torch.zeros(2, 3, 16, 16, dtype=torch.uint8),
+            "floating",
+        ),
         (Discriminator3DConfig.debug, torch.randn(2, 3, 16, 16), "5-d"),
         (Discriminator3DConfig.debug, torch.randn(2, 3, 4, 3, 16), "too small"),
         (Discriminator3DConfig.debug, torch.randn(2, 4, 4, 16, 16), "3 channels"),
@@ -78,8 +82,10 @@ def test_bad_configs(cfg):
 
 @pytest.mark.parametrize(
     "make, shape",
-    [(PatchDiscriminator2DConfig.debug, (2, 3, 16, 20)),
-     (Discriminator3DConfig.debug, (2, 3, 3, 9, 8))],
+    [
+        (PatchDiscriminator2DConfig.debug, (2, 3, 16, 20)),
+        (Discriminator3DConfig.debug, (2, 3, 3, 9, 8)),
+    ],
 )
 def test_gradients_reach_input_and_every_weight(make, shape):
     torch.manual_seed(0)
@@ -101,3 +107,28 @@ def test_build_from_dict():
         build_discriminator({"type": "patch2d", "width": 3})
     with pytest.raises(ValueError, match="unknown discriminator type"):
         build_discriminator({"type": "stylegan"})
+
+
+def test_3d_bf16_step_copies_no_activation():
+    """Under bf16 autocast the 3D discriminator's training step makes no copy of a feature
+    map: pooled features stay bf16 (CPU autocast would run max_pool3d in fp32: a cast each
+    way) and SiLU is not in place (autograd would clone its input). What is cast: the input
+    clip and its gradient, and the last map into the embedding's fp32 mean and back."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    d = Discriminator3D()
+    x = torch.randn(1, 3, 4, 32, 32, requires_grad=True)
+    copies = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            if name in ("aten._to_copy", "aten.clone", "aten.copy_"):
+                copies.append((name, tuple(args[0].shape)))
+            return func(*args, **(kwargs or {}))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), Record():
+        d(x).sum().backward()
+    maps = [c for c in copies if len(c[1]) == 5 and c[1][0] == 1]  # (1, C, T, H, W) activations
+    clip, last = ("aten._to_copy", (1, 3, 4, 32, 32)), ("aten._to_copy", (1, 512, 1, 4, 4))
+    assert maps == [clip, last, last, clip], maps

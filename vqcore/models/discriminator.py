@@ -95,11 +95,15 @@ class PatchDiscriminator2DConfig:
         if self.in_channels <= 0 or self.channels <= 0:
             raise ValueError("PatchDiscriminator2D: in_channels and channels must be positive")
         if self.num_layers < 1:
-            raise ValueError(f"PatchDiscriminator2D: num_layers must be >= 1, got {self.num_layers}")
+            raise ValueError(
+                f"PatchDiscriminator2D: num_layers must be >= 1, got {self.num_layers}"
+            )
         if self.max_channel_mult < 1:
             raise ValueError("PatchDiscriminator2D: max_channel_mult must be >= 1")
         if self.norm not in NORMS:
-            raise ValueError(f"PatchDiscriminator2D: norm must be one of {NORMS}, got {self.norm!r}")
+            raise ValueError(
+                f"PatchDiscriminator2D: norm must be one of {NORMS}, got {self.norm!r}"
+            )
 
     def build(self) -> PatchDiscriminator2D:
         return PatchDiscriminator2D(self)
@@ -222,7 +226,8 @@ class Discriminator3D(nn.Module):
             for _ in range(config.convs_per_stage):
                 layers += [  # seed 004, Fig. 4: Conv3d -> SiLU -> BatchNorm3d
                     nn.Conv3d(c_in, c_out, config.kernel_size, padding=pad, bias=bias),
-                    nn.SiLU(inplace=True),
+                    # not in place: SiLU's backward needs its input, so autograd would copy it
+                    nn.SiLU(),
                     _norm(config.norm, c_out, 3),
                 ]
                 c_in = c_out
@@ -240,7 +245,10 @@ class Discriminator3D(nn.Module):
         t = h.shape[2]
         kt = 2 if (self.config.pool_time and t >= 2) else 1
         kernel = (kt, 2, 2)
-        return nn.functional.max_pool3d(h, kernel, stride=kernel, ceil_mode=True)
+        # a max is exact in any dtype: outside autocast, whose CPU policy runs max_pool3d in
+        # fp32 (a cast there and back, and fp32 activations into the next convolution)
+        with torch.autocast(h.device.type, enabled=False):
+            return nn.functional.max_pool3d(h, kernel, stride=kernel, ceil_mode=True)
 
     def forward(self, x_bcthw: torch.Tensor) -> torch.Tensor:
         _check_input("Discriminator3D", x_bcthw, 5, self.config.in_channels)
