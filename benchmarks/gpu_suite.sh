@@ -38,7 +38,8 @@ if [ "${SMALL:-0}" = 1 ]; then
   FUSED=auto
 else
   DEV=cuda Q="--tokens 65536 --iters 10" FUSED=on
-  TARGETS="vq_d256_k8192_ema looc_d256_m32_k256_nocvq lfq_2^16 hrvq_d256_2x90 vq_d256_k8100_flat rvq_d256_4x1024"
+  TARGETS="vq_d256_k8192_ema looc_d256_m32_k256 looc_d256_m32_k256_nocvq lfq_2^16 hrvq_d256_2x90"
+  TARGETS="$TARGETS vq_d256_k8100_flat rvq_d256_4x1024"
   STEP="--models pvqvae:default --batch 4 --frames 16 --size 256x256 --iters 5 --warmup 2"
   LONG="--models pvqvae:default --batch 1 --frames 96 --size 256x256 --iters 2 --warmup 1"
 fi
@@ -78,7 +79,7 @@ step fused_tests 60 $PY -m pytest -q -p no:cacheprovider tests/test_ops_fused.py
 step train_eager 90 $PY $B/train_step.py $OPTS $STEP
 step train_ckpt 240 $PY $B/train_step.py $OPTS $STEP --grad-checkpoint --compile off,on \
   --profile /tmp/vqtok-prof
-# 4. the targets compiled (the roofline puts rvq's eager elementwise traffic above its goal)
+# 4. the targets compiled (the roofline leaves eager rvq 13 % under its goal: little room)
 step quantizers_compiled 150 $PY $B/quantizers.py --device $DEV --fused $FUSED --compile on \
   --no-reference $Q --cases $TARGETS
 # 5. 96 frames; the chunked torch search on the GPU (the fallback without Triton)
