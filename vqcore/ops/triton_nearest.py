@@ -363,14 +363,9 @@ def nearest_code_fused(
     e_op, esq = _operands(books, dtype, tf32)  # (G, K, D), (G, K)
     blocks = list(_grouped_blocks(group_n.long(), books.shape[0], block_n)) if grouped else []
     precision = input_precision if dtype == torch.float32 else "tf32"  # fp32 operands only
-    k = books.shape[1]
-    token_blocks = blocks[1].shape[0] if grouped else triton.cdiv(x_nd.shape[0], block_n)
-    if splits is None:
-        splits = auto_splits(x_nd.device, token_blocks, k, block_k)
-    if splits < 1:
+    if splits is not None and splits < 1:
         raise ValueError(f"nearest_code_fused: splits must be >= 1, got {splits}")
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k  # whole tiles
-    tiling = [block_n, block_k, k_per_split, triton.cdiv(k, k_per_split)]  # no empty split
+    tiling = [block_n, block_k, splits or 0]  # 0: `auto_splits`, decided inside the op
     codes, best = _launch(x_op, e_op, esq, x, books, blocks, rerank, precision, tiling)
     dists = best if rerank else best + x_sq
     if metric == "cosine":
@@ -428,10 +423,16 @@ def _launch(
     """The kernel over prepared operands (see `nearest_code_fused`): codes (N,) int64 and the
     best score (N,) fp32 (||x - e||² with `rerank`, else ||e||² - 2 x·e). `blocks`: the
     grouped search's [order, block_group, block_start, block_end] of `_grouped_blocks`, or
-    [] for one codebook. `tiling`: [block_n, block_k, codes per split, splits]."""
-    block_n, block_k, k_per_split, splits = tiling
+    [] for one codebook. `tiling`: [block_n, block_k, splits (0: `auto_splits`)]; the
+    split is decided here, at run time, where torch.compile does not trace the device query."""
+    block_n, block_k, splits = tiling
     n, d = x_op.shape
     k = e_op.shape[1]
+    if not splits:
+        token_blocks = blocks[1].shape[0] if blocks else triton.cdiv(n, block_n)
+        splits = auto_splits(x_op.device, token_blocks, k, block_k)
+    k_per_split = max(1, triton.cdiv(triton.cdiv(k, splits), block_k)) * block_k  # whole tiles
+    splits = max(1, triton.cdiv(k, k_per_split))  # no empty split
     best = torch.empty(n * splits, dtype=torch.float32, device=x_op.device)
     codes = torch.empty(n * splits, dtype=torch.long, device=x_op.device)
     if n == 0:
