@@ -14,32 +14,33 @@ features), the codebook is also cut into S slices, split-K style: a second grid 
 program writes its slice's (min, argmin), and torch reduces the N x S results after.
 
 Precision. Operands are rounded once, before the search, by a one-pass kernel that also sums
-each rounded row's squares (`_operands`): bf16/fp16 inputs keep their dtype (the fp32
-codebook is rounded to it), fp32 inputs are rounded to tf32 (as `round_to_tf32`, the torch
-reference, so a tf32 `tl.dot` sees them unchanged) or kept exact ("ieee"). ||e||² is taken of
-the rounded codebook, so each
-score ||ẽ||² - 2 x̃·ẽ is the exact distance between the rounded points (minus ||x̃||²) up to
-fp32 accumulation; its error is then at most about 2u·||x - e||·(||x|| + ||e||) for unit
-roundoff u, small for the near codes that compete (rounding e alone in ||e||² but not in the
-dot costs ~10x more disagreements on real latents). Near-ties inside that band can still
-swap, so by default (`rerank`, on unless the operands are exact fp32) each row keeps its two
-best codes and the epilogue picks between them by exact fp32 ||x - e||², read from the fp32
-codebook. Measured under the interpreter (tests/test_ops_fused.py, N = 4096, K = 300, random
-D = 8, 32 and astronaut patches D = 48): without the re-rank tf32 agrees with exact search on
-99.90-99.98 % of tokens and bf16 on 99.59-99.71 % (and 100 % with exact search of the rounded
-operands); with it, 100 % in all nine cases. A code can differ from exact search only when
-the exact best is not in the rounded top 2, i.e. at least two other codes are within the
-rounding band of it. Exact ties go to the lowest index (strict `<` across tiles, leftmost
-index inside a tile, lower index in the re-rank), as `torch.argmin` does.
+each rounded row's squares (`_operands`): bf16/fp16 inputs keep their dtype (the fp32 codebook
+is rounded to it), fp32 inputs are rounded to tf32 (as `round_to_tf32`, the torch reference,
+so a tf32 `tl.dot` sees them unchanged) or kept exact ("ieee"). ||e||² is taken of the rounded
+codebook, so each score ||ẽ||² - 2 x̃·ẽ is the exact distance between the rounded points
+(minus ||x̃||²) up to fp32 accumulation; its error is then at most about 2u·||x - e||·(||x|| +
+||e||) for unit roundoff u, small for the near codes that compete (rounding e alone in ||e||²
+but not in the dot costs ~10x more disagreements on real latents). Near-ties inside that band
+can still swap, so by default (`rerank`, on unless the operands are exact fp32) each row keeps
+its two best codes and the epilogue picks between them by exact fp32 ||x - e||², read from the
+fp32 codebook. Measured under the interpreter (tests/test_ops_fused.py, N = 4096, K = 300,
+random D = 8, 32 and astronaut patches D = 48): without the re-rank tf32 agrees with exact
+search on 99.90-99.98 % of tokens and bf16 on 99.59-99.71 % (and 100 % with exact search of
+the rounded operands); with it, 100 % in all nine cases. A code can differ from exact search
+only when the exact best is not in the rounded top 2, i.e. at least two other codes are within
+the rounding band of it. Exact ties go to the lowest index (strict `<` across tiles, leftmost
+index inside a tile, lower index in the re-rank, the first slice in the split's reduction), as
+`torch.argmin` does.
 
 Grouped search (HR-VQ children, PQ sub-spaces): tokens are sorted by codebook index on the
 device (stable argsort + fixed-size counts + cumsum, no host sync) and cut into blocks that
 each hold tokens of one codebook only, like a grouped GEMM; the grid is the upper bound
 ceil(N / BLOCK_N) + G and blocks past the end run no codebook tile.
 
-Under torch.compile the launch is one custom op (`vqcore::nearest_code_launch`) and the torch
-around it (operand rounding, the sort) is traced: a quantizer's training forward is one graph
-with the fused search inside it.
+Under torch.compile the operand pass and the launch are custom ops
+(`vqcore::nearest_code_operands`, `vqcore::nearest_code_launch`) and the torch around them
+(the grouped sort, the metric) is traced: a quantizer's training forward is one graph with the
+fused search inside it.
 
 Triton is optional: without it `available()` is False and `vqcore` runs on torch alone.
 Under `TRITON_INTERPRET=1` the same kernel runs on CPU tensors with numpy (tests, no GPU);
