@@ -156,7 +156,9 @@ def _tuner(cfg: Config, tc: TuneConfig, base: dict, study: dict, concurrency: in
         tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, num_samples=tc.num_samples,
             max_concurrent_trials=limit, scheduler=scheduler, search_alg=search,
             trial_dirname_creator=_trial_id),
-        run_config=tune.RunConfig(name="tune", storage_path=str(cfg.run.run_dir)),
+        # a failed trial is retried whole, from its checkpoint (see `run_trial`)
+        run_config=tune.RunConfig(name="tune", storage_path=str(cfg.run.run_dir),
+            failure_config=tune.FailureConfig(max_failures=cfg.scaling.max_failures)),
     )  # fmt: skip
 
 

@@ -38,6 +38,12 @@ def run_trial(values: dict[str, Any], base: dict, study: dict) -> None:
     from pipelines.train import make_trainer
 
     trial_id = tune.get_context().get_trial_id()
-    cfg = resolve(base, {**values, **study["run"], "run.name": trial_id})
+    # No worker-group restarts inside a trial: Tune retries the whole trial instead (the
+    # study's FailureConfig has scaling.max_failures), and the trial resumes from its own
+    # checkpoint. When Tune stops a trial its Train workers can die before the controller;
+    # a controller allowed to restart then makes a new placement group and is killed before
+    # Train's cleaner learns of it, which keeps the group's CPUs until the study's job ends
+    # (seen in tests/test_tune.py's Ray logs).
+    cfg = resolve(base, {**values, **study["run"], "run.name": trial_id, "scaling.max_failures": 0})
     save_config(cfg, cfg.run.run_dir / "config.yaml")
     make_trainer(cfg, callbacks=[MetricReport(study["metric"])]).fit()

@@ -1,7 +1,7 @@
 """vqcore quantizers: one interface (`Quantizer`), one result (`Quantized`), one registry.
 
-from vqcore.quantizers import build
-q = build({"type": "looc", "dim": 64, "codebook_dim": 4})
+    from vqcore.quantizers import build
+    q = build({"type": "looc", "dim": 64, "codebook_dim": 4})
 """
 
 from vqcore.quantizers import (

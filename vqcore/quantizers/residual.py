@@ -182,6 +182,10 @@ class ResidualQuantizer(Quantizer):
     def _fuse(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def _identity_paths(self, z: torch.Tensor, q_sum: torch.Tensor, num: int, size) -> torch.Tensor:
+        """ẑ = ι + Σ_i (q_i - P_i ι) = Σ_i q_i + (1 - n)·ι with P_i = I (see "Gradients")."""
+        return add_scaled_identity(q_sum, z, 1.0 - num)
+
     def _pack(self, codes: list[torch.Tensor]) -> Codes:
         return torch.stack(codes, 1)
 
@@ -228,10 +232,6 @@ class ResidualQuantizer(Quantizer):
         return Quantized(
             self._identity_paths(z, q_sum, num, size), self._pack(codes), loss, metrics
         )
-
-    def _identity_paths(self, z: torch.Tensor, q_sum: torch.Tensor, num: int, size) -> torch.Tensor:
-        """ẑ = ι + Σ_i (q_i - P_i ι) = Σ_i q_i + (1 - n)·ι with P_i = I (see "Gradients")."""
-        return add_scaled_identity(q_sum, z, 1.0 - num)
 
     def _count(self, codes: list[torch.Tensor]) -> torch.Tensor:
         """One (L, K) histogram for all levels: a single all-reduce in training."""
