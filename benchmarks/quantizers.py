@@ -20,7 +20,6 @@ when `vector_quantize_pytorch` is importable (pip install "vector-quantize-pytor
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -114,6 +113,7 @@ def _roofline(spec: dict, dim: int, shape: tuple, gpu: str, top: int = 5) -> dic
     """The case's training step on fake tensors with the fused search, every operator costed
     on `gpu`'s roofline (benchmarks/train_roofline.py): fp32 inputs, so tf32 peak."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
 
     from benchmarks.train_roofline import HBM_TBPS, RooflineMode, cost_table
     from benchmarks.train_step import PEAK_TFLOPS
@@ -122,11 +122,21 @@ def _roofline(spec: dict, dim: int, shape: tuple, gpu: str, top: int = 5) -> dic
     with FakeTensorMode(allow_non_fake_inputs=True):
         q = build({**spec, "dim": dim}).train()
         z = torch.randn(shape, requires_grad=True)
-        for costed in (False, True):  # the second step: EMA/usage state exists
-            mode = RooflineMode()
-            with mode if costed else contextlib.nullcontext():
-                out = q(z)
-                (out.z_q.square().mean() + out.loss).backward()
+
+        def step():
+            z.grad = None
+            out = q(z)
+            (out.z_q.square().mean() + out.loss).backward()
+
+        step()  # the next steps have EMA/usage state and z.grad, as a timed step does
+        mode = RooflineMode()
+        with mode:
+            step()
+        tracker = MemTracker()  # apart from the roofline's mode (nesting modes skews peaks)
+        tracker.track_external(q, z)
+        with tracker:
+            step()
+        memory = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
     by_op = {k: row["ms"] for k, row in cost_table(mode.ops, peak, bandwidth).items()}
     ranked = sorted(by_op.items(), key=lambda kv: kv[1], reverse=True)[:top]
     return {
@@ -134,6 +144,9 @@ def _roofline(spec: dict, dim: int, shape: tuple, gpu: str, top: int = 5) -> dic
         "search_ms": by_op.get("vqcore.nearest_code_launch", 0.0),
         "gflop": sum(f for _, f, _ in mode.ops) / 1e9,
         "kernels": len(mode.ops),
+        # live tensors at the step's peak, the input and the quantizer's state included:
+        # what torch.cuda.max_memory_allocated would say, less the allocator's rounding
+        "peak_gib": memory["Total"] / 2**30,
         "top_ops": [{"op": k, "ms": round(v, 4)} for k, v in ranked],
     }
 

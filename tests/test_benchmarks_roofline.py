@@ -78,3 +78,6 @@ def test_quantizer_roofline_counts_the_fused_search(capsys, monkeypatch):
     tree, flat = rows["hrvq_d256_2x90"], rows["vq_d256_k8100_flat"]
     assert flat["gflop"] * 1e9 >= 2 * 65536 * 8100 * 256  # the search alone
     assert 0 < tree["search_ms"] < flat["search_ms"] / 5
+    # the step's peak of live tensors holds at least the input and its gradient, and the
+    # fused search adds no N x K matrix (the goal for vq: <= 1 GiB)
+    assert 2 * 65536 * 256 * 4 <= flat["peak_gib"] * 2**30 < 2**30
