@@ -38,8 +38,9 @@ if [ "${SMALL:-0}" = 1 ]; then
   FUSED=auto
 else
   DEV=cuda Q="--tokens 65536 --iters 10" FUSED=on
-  TARGETS="vq_d256_k8192_ema looc_d256_m32_k256 looc_d256_m32_k256_nocvq lfq_2^16 hrvq_d256_2x90"
-  TARGETS="$TARGETS vq_d256_k8100_flat rvq_d256_4x1024"
+  # compiled in this order (the step's limit may cut the tail): the least room first
+  TARGETS="rvq_d256_4x1024 vq_d256_k8192_ema looc_d256_m32_k256 lfq_2^16 hrvq_d256_2x90"
+  TARGETS="$TARGETS vq_d256_k8100_flat looc_d256_m32_k256_nocvq"
   STEP="--models pvqvae:default --batch 4 --frames 16 --size 256x256 --iters 5 --warmup 2"
   LONG="--models pvqvae:default --batch 1 --frames 96 --size 256x256 --iters 2 --warmup 1"
 fi
