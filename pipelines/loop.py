@@ -24,7 +24,6 @@ import random
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -154,7 +153,9 @@ def train_loop(cfg: Config, session: Session) -> dict[str, float]:
     tokens0 = 0
     run_start, first_step = t0, state.step
     metrics: dict[str, float] = {}
-    window: Counter = Counter()
+    # loss terms summed on the device since the last log: read back only when logged
+    window: dict[str, torch.Tensor | float] = {}
+    window_n = 0
     for batch in _batches_forever(session, state):
         if state.step >= cfg.train.steps:
             break
@@ -176,8 +177,9 @@ def train_loop(cfg: Config, session: Session) -> dict[str, float]:
             continue
         state.nonfinite_streak = 0
         for k, v in terms.items():
-            window[k] += float(v)
-        window["_n"] += 1
+            v = v.detach().float() if torch.is_tensor(v) else v
+            window[k] = window[k] + v if k in window else v
+        window_n += 1
         if not stepped:
             continue
         state.step += 1
@@ -186,9 +188,8 @@ def train_loop(cfg: Config, session: Session) -> dict[str, float]:
         last = state.step >= cfg.train.steps
         if state.step % log_every == 0 or last:
             elapsed = time.perf_counter() - t0
-            n = window.pop("_n")
-            metrics = {f"train/{k}": v / n for k, v in window.items()}
-            window.clear()
+            metrics = {f"train/{k}": float(v) / window_n for k, v in window.items()}
+            window, window_n = {}, 0
             clips = state.samples_seen - seen0
             metrics.update(
                 {
