@@ -80,7 +80,7 @@ step fused_tests 60 $PY -m pytest -q -p no:cacheprovider tests/test_ops_fused.py
 step train_eager 90 $PY $B/train_step.py $OPTS $STEP
 step train_ckpt 240 $PY $B/train_step.py $OPTS $STEP --grad-checkpoint --compile off,on \
   --profile /tmp/vqtok-prof
-# 4. the targets compiled (the roofline leaves eager rvq 15 % under its goal: little room)
+# 4. the targets compiled (the roofline leaves eager rvq 19 % under its goal: little room)
 step quantizers_compiled 150 $PY $B/quantizers.py --device $DEV --fused $FUSED --compile on \
   --no-reference $Q --cases $TARGETS
 # 5. 96 frames; the chunked torch search on the GPU (the fallback without Triton)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vqcore.quantizers import Quantized, build, names
-from vqcore.quantizers.base import straight_through
+from vqcore.quantizers.base import channels_last, straight_through, to_tokens
 
 FAMILIES = names()
 SHAPES = {"2d": (2, 8, 6, 5), "3d": (2, 8, 3, 4, 5)}
@@ -61,6 +61,19 @@ def test_decode_encode_round_trip(family, layout):
     for a, b in zip(_flat_codes(codes), _flat_codes(out.codes)):
         assert torch.equal(a, b)
     torch.testing.assert_close(q.decode(codes), out.z_q, atol=0, rtol=0)  # bit for bit
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6), (2, 8, 6, 5), (2, 8, 3, 4, 5)])
+def test_channels_last_makes_tokens_a_view(shape):
+    """After `channels_last`, `to_tokens` (of it and of an elementwise result) copies nothing,
+    and the values are the input's; a second call returns the tensor itself."""
+    z = torch.randn(shape)
+    cl = channels_last(z)
+    assert torch.equal(cl, z)
+    assert channels_last(cl) is cl
+    for t in (cl, cl - 1):
+        tokens, _ = to_tokens(t)
+        assert tokens.data_ptr() == t.data_ptr()
 
 
 def test_straight_through_is_the_value_and_the_identity_gradient():

@@ -86,6 +86,13 @@ def from_tokens(x_nc: torch.Tensor, spatial: torch.Size) -> torch.Tensor:
     return x_nc.reshape(*spatial, x_nc.shape[-1]).movedim(-1, 1)
 
 
+def channels_last(z_bcs: torch.Tensor) -> torch.Tensor:
+    """z with its channels last in memory (same shape and values), so that `to_tokens` of it
+    and of what elementwise ops make from it is a view; a no-op when it already is."""
+    last = z_bcs.movedim(1, -1)
+    return z_bcs if last.is_contiguous() else last.contiguous().movedim(-1, 1)
+
+
 def straight_through(z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
     """Forward value z_q, gradient of identity to z (VQ-VAE, arXiv:1711.00937, sec. 3.1):
     what `z + (z_q - z).detach()` means, without its two passes or its rounding of z_q."""

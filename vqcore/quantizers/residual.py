@@ -49,6 +49,7 @@ from vqcore.quantizers.base import (
     Quantizer,
     QuantizerConfig,
     add_scaled_identity,
+    channels_last,
 )
 from vqcore.quantizers.codebook import Codebook
 from vqcore.quantizers.registry import build, make_config, register
@@ -213,7 +214,9 @@ class ResidualQuantizer(Quantizer):
     # -- forward / decode
     def quantize(self, z: torch.Tensor) -> Quantized:
         size = z.shape[2:]
-        q_sum, residual = None, z
+        # every level lays its input out as (N, C) tokens: with channels last in memory that
+        # is a view, so the residual is copied to that layout once rather than once per level
+        q_sum, residual = None, channels_last(z)
         loss = z.new_zeros(())
         codes: list[torch.Tensor] = []
         metrics: dict[str, torch.Tensor] = {}
