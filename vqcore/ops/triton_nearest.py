@@ -335,6 +335,8 @@ def nearest_code_fused(
             f"nearest_code_fused: input_precision must be one of {PRECISIONS}, "
             f"got {input_precision!r}"
         )
+    if splits is not None and splits < 1:
+        raise ValueError(f"nearest_code_fused: splits must be >= 1, got {splits}")
     if not can_run(x_nd):
         raise RuntimeError(
             "nearest_code_fused: x is on the CPU; the kernel needs CUDA tensors "
@@ -364,8 +366,6 @@ def nearest_code_fused(
     e_op, esq = _operands(books, dtype, tf32)  # (G, K, D), (G, K)
     blocks = list(_grouped_blocks(group_n.long(), books.shape[0], block_n)) if grouped else []
     precision = input_precision if dtype == torch.float32 else "tf32"  # fp32 operands only
-    if splits is not None and splits < 1:
-        raise ValueError(f"nearest_code_fused: splits must be >= 1, got {splits}")
     tiling = [block_n, block_k, splits or 0]  # 0: `auto_splits`, decided inside the op
     codes, best = _launch(x_op, e_op, esq, x, books, blocks, rerank, precision, tiling)
     dists = best if rerank else best + x_sq
