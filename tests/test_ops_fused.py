@@ -358,6 +358,8 @@ def test_switch(monkeypatch):
     with pytest.raises(ValueError, match="VQCORE_FUSED"):
         use_fused(cpu)
     assert use_fused(cpu, fused=False) is False  # the argument wins over the variable
+    with pytest.raises(ValueError, match="splits must be >= 1"):
+        tn.nearest_code_fused(cpu, torch.zeros(2, 3), splits=0)
 
 
 @outer
