@@ -40,6 +40,7 @@ class OptimConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     grad_accum: int = 1  # micro-batches per optimiser step (DeepSpeed accumulation)
+    fused: bool = True  # torch's fused Adam(W): one kernel for all parameters (false: foreach)
 
     def validate(self) -> None:
         _check(self.name in ("adam", "adamw"), "optim.name", self.name, "'adam' or 'adamw'")

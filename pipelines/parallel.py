@@ -4,8 +4,9 @@ schedule and bf16 autocast (activation checkpointing: `vqcore.models.blocks`). N
 
 On CPU DeepSpeed runs with its CPU accelerator over gloo (`DS_ACCELERATOR=cpu`) in fp32; on
 GPUs the forward runs under bf16 autocast with fp32 master weights and fp32 loss reductions
-(PVQ-VAE seed, sec. 1.2). Optimiser: torch's Adam/AdamW handed to DeepSpeed (its fused CPU
-Adam fails on CPU here, RUNTIME.md), so ZeRO shards it the same way.
+(PVQ-VAE seed, sec. 1.2). Optimiser: torch's Adam/AdamW, fused (`optim.fused`, CPU and
+CUDA), handed to DeepSpeed (DeepSpeed's own fused CPU Adam fails on CPU here, RUNTIME.md), so
+ZeRO shards it the same way.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ def make_engine(
     params = [p for p in params if p.requires_grad]
     o = cfg.optim
     opt_cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    opt = opt_cls(params, lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    opt = opt_cls(params, lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                  fused=o.fused)  # fmt: skip
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.warmup_steps, cfg.train.steps))
     engine, _, _, _ = deepspeed.initialize(
         model=module,

@@ -36,6 +36,8 @@ for cvq in (False, True):
         engine.backward(res.loss)
         engine.step()
     out[str(cvq)] = q.codebook.table[0, 1].tolist()
+inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps torch's
+out["fused"] = inner.defaults.get("fused")
 print(json.dumps(out))
 """
 
@@ -52,3 +54,4 @@ def test_reanchored_code_stays_moved_after_the_optimizer_step(zero_stage, tmp_pa
     assert min(dead["False"]) > 99  # without CVQ the dead code stays where it was
     # CVQ-VAE eq. 8 pulled it to its closest feature (2, 2), and the step did not undo that
     assert max(abs(v - 2.0) for v in dead["True"]) < 0.1
+    assert dead["fused"] is True  # DeepSpeed steps torch's fused Adam (optim.fused)
