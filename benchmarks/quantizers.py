@@ -83,7 +83,11 @@ CASES: dict[str, tuple[int, dict, Callable | None]] = {
 
 def _ours(spec: dict, dim: int, z: torch.Tensor, compiled: bool = False):
     q = build({**spec, "dim": dim}).to(z.device).train()
-    q = torch.compile(q) if compiled else q
+    return _train_step(torch.compile(q) if compiled else q, z)
+
+
+def _train_step(q, z: torch.Tensor):
+    """One forward + backward of quantizer `q` on `z`, as every case is timed or costed."""
 
     def step():
         z.grad = None
@@ -122,12 +126,7 @@ def _roofline(spec: dict, dim: int, shape: tuple, gpu: str, top: int = 5) -> dic
     with FakeTensorMode(allow_non_fake_inputs=True):
         q = build({**spec, "dim": dim}).train()
         z = torch.randn(shape, requires_grad=True)
-
-        def step():
-            z.grad = None
-            out = q(z)
-            (out.z_q.square().mean() + out.loss).backward()
-
+        step = _train_step(q, z)
         step()  # the next steps have EMA/usage state and z.grad, as a timed step does
         mode = RooflineMode()
         with mode:

@@ -234,16 +234,15 @@ if triton is not None:
         tl.store(sq_ptr + rows, sq, mask=row_ok)
 
 
-_KERNELS: dict[tuple[str, bool], object] = {}
+_KERNELS: dict[tuple[object, bool], object] = {}
 
 
-def _kernel(name: str = "nearest"):
-    """A kernel, jitted on first use for the current mode (compiled or interpreted)."""
+def _jit(fn):
+    """Kernel `fn`, jitted on first use for the current mode (compiled or interpreted)."""
     mode = interpreting()
-    if (name, mode) not in _KERNELS:
-        fn = _nearest_kernel if name == "nearest" else _operands_kernel
-        _KERNELS[name, mode] = triton.jit(fn)
-    return _KERNELS[name, mode], mode
+    if (fn, mode) not in _KERNELS:
+        _KERNELS[fn, mode] = triton.jit(fn)
+    return _KERNELS[fn, mode], mode
 
 
 def _operand_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -392,7 +391,7 @@ def _operands(t: torch.Tensor, dtype: torch.dtype, tf32: bool) -> tuple[torch.Te
     sq = torch.empty(t.shape[:-1], dtype=torch.float32, device=t.device)
     if rows == 0:
         return op, sq.zero_()
-    kernel, _ = _kernel("operands")
+    kernel, _ = _jit(_operands_kernel)
     drop = _DROP_BITS[dtype] if tf32 or dtype != torch.float32 else 0
     block_d = max(16, min(MAX_BLOCK_D, triton.next_power_of_2(d)))
     block_r = max(1, 4096 // block_d)
@@ -444,7 +443,7 @@ def _launch(
     else:
         order = block_group = block_start = block_end = codes  # unused pointers
         grid = (triton.cdiv(n, block_n), splits)
-    kernel, interpreted = _kernel()
+    kernel, interpreted = _jit(_nearest_kernel)
     kernel[grid](
         x_op,
         e_op,
