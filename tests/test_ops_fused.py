@@ -36,11 +36,13 @@ pytest.importorskip("triton")
 from vqcore.ops import nearest_code  # noqa: E402
 from vqcore.ops import triton_nearest as tn  # noqa: E402
 from vqcore.ops.nearest import use_fused  # noqa: E402
+from vqcore.ops.triton_operands import operands, round_to_tf32  # noqa: E402
+from vqcore.ops.triton_runtime import interpreting  # noqa: E402
 from vqcore.quantizers.codebook import _grouped_nearest  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-INTERPRETED = tn.interpreting()  # this process is the interpreter subprocess
+INTERPRETED = interpreting()  # this process is the interpreter subprocess
 UNIT_ROUNDOFF = {"fp32": 0.0, "tf32": 2.0**-11, "bf16": 2.0**-8}
 
 kernel = pytest.mark.skipif(
@@ -182,8 +184,8 @@ def test_agreement_with_exact_search(kind, precision):
     rate_plain = _check_near_ties(x64, e, plain, u)
     print(f"{kind} {precision}: {100 * rate_plain:.3f} % agree (re-rank off)")
     if precision != "fp32":
-        rounded_x = tn.round_to_tf32(x64.float()) if precision == "tf32" else x64.float()
-        rounded_e = tn.round_to_tf32(e) if precision == "tf32" else e.bfloat16().float()
+        rounded_x = round_to_tf32(x64.float()) if precision == "tf32" else x64.float()
+        rounded_e = round_to_tf32(e) if precision == "tf32" else e.bfloat16().float()
         same_operands = _check_near_ties(rounded_x.double(), rounded_e, plain, 0.0)
         assert same_operands >= 0.999
 
@@ -208,8 +210,8 @@ def test_operands_round_like_torch(dtype, tf32):
     t[0, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0, -1.0])
     t[1, :4] = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-11, 1 + 3 * 2**-11])  # ties
     for src in (t, t.bfloat16()):
-        op, sq = tn._operands(src.to(DEVICE), dtype, tf32)
-        want = tn.round_to_tf32(src) if tf32 else src.to(dtype)
+        op, sq = operands(src.to(DEVICE), dtype, tf32)
+        want = round_to_tf32(src) if tf32 else src.to(dtype)
         assert op.dtype == dtype
         torch.testing.assert_close(op.cpu(), want, rtol=0, atol=0, equal_nan=True)
         torch.testing.assert_close(sq.cpu()[2:], want[2:].float().pow(2).sum(-1), rtol=1e-6, atol=0)
@@ -370,9 +372,9 @@ def test_vqcore_runs_without_triton():
         import sys
         sys.modules["triton"] = None  # import triton -> ImportError
         import torch
-        from vqcore.ops import nearest_code, triton_nearest
+        from vqcore.ops import nearest_code, triton_runtime
         from vqcore.quantizers import build
-        assert not triton_nearest.available()
+        assert not triton_runtime.available()
         codes, _ = nearest_code(torch.randn(10, 4), torch.randn(5, 4))
         q = build({"type": "hrvq", "dim": 4, "codebook_size": 4, "num_layers": 2})
         q(torch.randn(1, 4, 2, 2))

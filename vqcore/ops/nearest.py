@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from vqcore.ops import triton_nearest
+from vqcore.ops import triton_nearest, triton_runtime
 
 FUSED_ENV = "VQCORE_FUSED"
 _FUSED_VALUES = {"": None, "auto": None, "0": False, "off": False, "1": True, "on": True}
@@ -47,9 +47,9 @@ def use_fused(x: torch.Tensor, fused: bool | None = None) -> bool:
     if fused is None:
         fused = fused_setting()
     if fused is None:
-        return x.is_cuda and triton_nearest.available()
-    if fused and not triton_nearest.can_run(x):
-        why = "triton is not installed" if not triton_nearest.available() else "x is not on CUDA"
+        return x.is_cuda and triton_runtime.available()
+    if fused and not triton_runtime.can_run(x):
+        why = "triton is not installed" if not triton_runtime.available() else "x is not on CUDA"
         raise RuntimeError(
             f"fused nearest-code search was forced ({FUSED_ENV}=1 or fused=True) but {why}; "
             "TRITON_INTERPRET=1 runs it on CPU in Triton's interpreter"

@@ -14,7 +14,7 @@ features), the codebook is also cut into S slices, split-K style: a second grid 
 program writes its slice's (min, argmin), and torch reduces the N x S results after.
 
 Precision. Operands are rounded once, before the search, by a one-pass kernel that also sums
-each rounded row's squares (`_operands`): bf16/fp16 inputs keep their dtype (the fp32 codebook
+each rounded row's squares (`vqcore.ops.triton_operands`): bf16/fp16 inputs keep their dtype (the fp32 codebook
 is rounded to it), fp32 inputs are rounded to tf32 (as `round_to_tf32`, the torch reference,
 so a tf32 `tl.dot` sees them unchanged) or kept exact ("ieee"). ||e||² is taken of the rounded
 codebook, so each score ||ẽ||² - 2 x̃·ẽ is the exact distance between the rounded points
@@ -42,7 +42,7 @@ Under torch.compile the operand pass and the launch are custom ops
 (the grouped sort, the metric) is traced: a quantizer's training forward is one graph with the
 fused search inside it.
 
-Triton is optional: without it `available()` is False and `vqcore` runs on torch alone.
+Triton is optional (`vqcore.ops.triton_runtime`): without it `vqcore` runs on torch alone.
 Under `TRITON_INTERPRET=1` the same kernel runs on CPU tensors with numpy (tests, no GPU);
 there bf16 operands are widened to fp32 before `tl.dot` because the interpreter multiplies
 bf16 bit patterns as integers (triton-lang/triton#11584). That widening is exact (a product of
@@ -50,39 +50,16 @@ two bf16 values fits in an fp32 mantissa), so the interpreter computes what the 
 dot with fp32 accumulation computes, up to summation order.
 """
 
-import os
-
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from vqcore.ops.counts import bincount
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # vqcore needs torch alone
-    triton = None
-    tl = None
+from vqcore.ops.triton_operands import operand_dtype, operands
+from vqcore.ops.triton_runtime import available, block_d, can_run, jit, tl, triton
 
 BLOCK_N = 64  # rows of x per program
 BLOCK_K = 64  # codes per tile
-MAX_BLOCK_D = 64  # D is reduced in slices of at most this many channels
 PRECISIONS = ("tf32", "ieee")
-
-
-def available() -> bool:
-    """Triton is importable."""
-    return triton is not None
-
-
-def interpreting() -> bool:
-    """Kernels built now run in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def can_run(x: torch.Tensor) -> bool:
-    """The fused kernel can search `x`: Triton present and x on CUDA (or the interpreter on)."""
-    return available() and (x.is_cuda or interpreting())
 
 
 if triton is not None:
@@ -204,64 +181,6 @@ if triton is not None:
         tl.store(best_ptr + out, best, mask=row_ok)
         tl.store(code_ptr + out, best_k, mask=row_ok)
 
-    def _operands_kernel(
-        src_ptr,  # (R, D) any float dtype, contiguous
-        dst_ptr,  # (R, D) out: operand dtype
-        sq_ptr,  # (R,) fp32 out: squared norm of each operand row
-        R,
-        D,
-        DROP: tl.constexpr,  # mantissa bits to round off (tf32, fp16: 13, bf16: 16, fp32: 0)
-        BLOCK_R: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):
-        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-        row_ok = rows < R
-        dd = tl.arange(0, BLOCK_D)
-        sq = tl.zeros((BLOCK_R,), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            m = row_ok[:, None] & ((d0 + dd) < D)[None, :]
-            at = rows[:, None] * D + (d0 + dd)[None, :]
-            v = tl.load(src_ptr + at, mask=m, other=0.0).to(tl.float32)
-            if DROP > 0:  # round to nearest, ties to even, on the bits (as `round_to_tf32`)
-                bits = v.to(tl.int32, bitcast=True)
-                up = (bits + ((1 << (DROP - 1)) - 1) + ((bits >> DROP) & 1)) & -(1 << DROP)
-                finite = (bits & 0x7F800000) != 0x7F800000
-                v = tl.where(finite, up.to(tl.float32, bitcast=True), v)
-            v = v.to(dst_ptr.dtype.element_ty)  # exact now (the interpreter would truncate)
-            tl.store(dst_ptr + at, v, mask=m)
-            w = v.to(tl.float32)
-            sq += tl.sum(w * w, axis=1)
-        tl.store(sq_ptr + rows, sq, mask=row_ok)
-
-
-_KERNELS: dict[tuple[object, bool], object] = {}
-
-
-def _jit(fn):
-    """Kernel `fn`, jitted on first use for the current mode (compiled or interpreted)."""
-    mode = interpreting()
-    if (fn, mode) not in _KERNELS:
-        _KERNELS[fn, mode] = triton.jit(fn)
-    return _KERNELS[fn, mode], mode
-
-
-def _operand_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
-
-
-def round_to_tf32(t: torch.Tensor) -> torch.Tensor:
-    """fp32 -> the nearest tf32 value (10 mantissa bits, ties to even), still stored as fp32.
-
-    The torch reference of the operand kernel's rounding: operands so rounded enter a tf32
-    `tl.dot` unchanged whatever rounding the tensor cores apply, and the interpreter (plain
-    fp32 matmul) computes the same products.
-    """
-    bits = t.float().contiguous().view(torch.int32)
-    lsb = (bits >> 13) & 1
-    rounded = (bits + 0xFFF + lsb) & ~0x1FFF
-    finite = torch.isfinite(t)
-    return torch.where(finite, rounded.view(torch.float32), t.float())
-
 
 def _grouped_blocks(group_n: torch.Tensor, num_groups: int, block_n: int):
     """Sort tokens by codebook and cut each codebook's run into blocks of <= block_n tokens.
@@ -349,7 +268,7 @@ def nearest_code_fused(
     d = codebook.shape[-1]
     if x_nd.dim() != 2 or x_nd.shape[1] != d:
         raise ValueError(f"nearest_code_fused: x must be (N, {d}), got {tuple(x_nd.shape)}")
-    dtype = _operand_dtype(x_nd.dtype)
+    dtype = operand_dtype(x_nd.dtype)
     if rerank is None:
         rerank = not (dtype == torch.float32 and input_precision == "ieee")
     books = codebook.float() if grouped else codebook.float()[None]  # (G, K, D)
@@ -359,10 +278,10 @@ def nearest_code_fused(
         x = torch.nn.functional.normalize(x.float(), dim=-1)
     x, books = x.contiguous(), books.contiguous()
     tf32 = dtype == torch.float32 and input_precision == "tf32"
-    x_op, x_sq = _operands(x, dtype, tf32)
+    x_op, x_sq = operands(x, dtype, tf32)
     # ||e||² of the operand codebook, in fp32: the scores are then exact distances between the
     # rounded operands (up to fp32 accumulation), the same search the reference runs
-    e_op, esq = _operands(books, dtype, tf32)  # (G, K, D), (G, K)
+    e_op, esq = operands(books, dtype, tf32)  # (G, K, D), (G, K)
     blocks = list(_grouped_blocks(group_n.long(), books.shape[0], block_n)) if grouped else []
     precision = input_precision if dtype == torch.float32 else "tf32"  # fp32 operands only
     tiling = [block_n, block_k, splits or 0]  # 0: `auto_splits`, decided inside the op
@@ -371,38 +290,6 @@ def nearest_code_fused(
     if metric == "cosine":
         dists = dists / 2  # ||a - b||² = 2 - 2cos for unit vectors
     return codes, dists
-
-
-# fp32 mantissa bits (23) minus the operand's: tf32 and fp16 keep 10, bf16 7
-_DROP_BITS = {torch.float32: 13, torch.float16: 13, torch.bfloat16: 16}
-
-
-@torch.library.custom_op("vqcore::nearest_code_operands", mutates_args=())
-def _operands(t: torch.Tensor, dtype: torch.dtype, tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """`t` (..., D) as the kernel's operand: rounded to nearest `dtype` (fp32: to tf32 with
-    `tf32`, as `round_to_tf32`), and the squared norm of each operand row (...,) in fp32, in
-    one pass (in eager torch the tf32 rounding alone is ~10 elementwise kernels over N x D).
-    The rounding is done on the fp32 bits and the cast after it is exact: Triton's
-    interpreter truncates fp32 -> bf16 casts where the GPU rounds to nearest (and flushes
-    subnormals to zero). fp16 values outside its normal range are cast by the hardware."""
-    d = t.shape[-1]
-    rows = t.numel() // max(1, d)
-    op = torch.empty(t.shape, dtype=dtype, device=t.device)
-    sq = torch.empty(t.shape[:-1], dtype=torch.float32, device=t.device)
-    if rows == 0:
-        return op, sq.zero_()
-    kernel, _ = _jit(_operands_kernel)
-    drop = _DROP_BITS[dtype] if tf32 or dtype != torch.float32 else 0
-    block_d = max(16, min(MAX_BLOCK_D, triton.next_power_of_2(d)))
-    block_r = max(1, 4096 // block_d)
-    grid = (triton.cdiv(rows, block_r),)
-    kernel[grid](t, op, sq, rows, d, DROP=drop, BLOCK_R=block_r, BLOCK_D=block_d)
-    return op, sq
-
-
-@_operands.register_fake
-def _operands_fake(t, dtype, tf32):
-    return t.new_empty(t.shape, dtype=dtype), t.new_empty(t.shape[:-1], dtype=torch.float32)
 
 
 # The launch is a custom op: torch.compile keeps it as one node of its graph (Dynamo cannot
@@ -443,7 +330,7 @@ def _launch(
     else:
         order = block_group = block_start = block_end = codes  # unused pointers
         grid = (triton.cdiv(n, block_n), splits)
-    kernel, interpreted = _jit(_nearest_kernel)
+    kernel, interpreted = jit(_nearest_kernel)
     kernel[grid](
         x_op,
         e_op,
@@ -466,7 +353,7 @@ def _launch(
         PRECISION=precision,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        BLOCK_D=max(16, min(MAX_BLOCK_D, triton.next_power_of_2(d))),
+        BLOCK_D=block_d(d),
     )
     if splits > 1:  # the best of the splits; min takes the first (lowest codes) on ties
         best, pick = best.view(n, splits).min(1)
