@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vqcore.quantizers import build
+from vqcore.quantizers import codebook as codebook_module
 from vqcore.quantizers.codebook import Codebook, _grouped_nearest
 
 
@@ -222,13 +223,35 @@ def test_hrvq_refuses_absurd_trees_and_bad_settings():
 # --- Codebook: grouped search, EMA, CVQ ----------------------------------------------------
 
 
-@pytest.mark.parametrize("n", [300, 12000])  # many small groups (gather) / few big (per group)
-def test_grouped_search_matches_brute_force(n):
+@pytest.mark.parametrize("by_group", [None, True, False])  # by cost / per group / gathered
+@pytest.mark.parametrize("n", [300, 12000])
+def test_grouped_search_matches_brute_force(n, by_group):
     torch.manual_seed(0)
     books, x = torch.randn(200, 4, 3), torch.randn(n, 3)
     group = torch.randint(0, 200, (n,))
     expected = (books[group] - x[:, None]).pow(2).sum(-1).argmin(1)
-    assert torch.equal(_grouped_nearest(x, books, group, "l2"), expected)
+    got = _grouped_nearest(x, books, group, "l2", budget_elements=1000, by_group=by_group)
+    assert torch.equal(got, expected)
+
+
+def test_grouped_search_chooses_the_cheaper_path_on_cpu(monkeypatch):
+    """Few groups of many codes: per group (a matmul each); many groups of few codes: gathered.
+    The choice is seen in the per-group path's calls of the real `nearest_code`."""
+    calls = []
+    real = codebook_module.nearest_code
+
+    def counting(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(codebook_module, "nearest_code", counting)
+    few = torch.randint(0, 8, (1024,))
+    _grouped_nearest(torch.randn(1024, 64), torch.randn(8, 256, 64), few, "l2")
+    assert len(calls) == 8 and sum(calls) == 1024
+    calls.clear()
+    many = torch.randint(0, 512, (1024,))
+    _grouped_nearest(torch.randn(1024, 8), torch.randn(512, 4, 8), many, "l2")
+    assert calls == []
 
 
 def test_ema_update_matches_hand_computation():

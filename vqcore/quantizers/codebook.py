@@ -17,10 +17,11 @@ itself. With Adam that is the same as moving the weight (its moments are kept ei
 
 Grouped search (`group_n`): each token is searched only in its own codebook. With the fused
 kernel (CUDA + Triton, `VQCORE_FUSED`, see vqcore.ops.nearest) that is one launch for all
-groups, tokens sorted by group on the device. Otherwise: with few groups present (pq's
-sub-spaces, the first layers of an hrvq tree) one chunked matmul search per group; with many
-small groups (deep hrvq layers), or under torch.compile (the split by group reads counts back
-to the host), each token's codebook is gathered, chunked.
+groups, tokens sorted by group on the device. Otherwise: one chunked matmul search per group
+present where that costs less than gathering every token's codebook (pq's sub-spaces, the
+first layers of an hrvq tree; the rule is `LOOP_COST_ELEMENTS`), else (many small groups, deep
+hrvq layers, or under torch.compile: the split by group reads counts back to the host) each
+token's codebook is gathered, chunked.
 
 Distributed: batch statistics are all-reduced before any update, and re-anchored codes are
 broadcast from rank 0, so every rank keeps the same codebook.
@@ -172,10 +173,14 @@ class Codebook(nn.Module):
             self.ema_sum.copy_(self.weight * self.ema_size.clamp_min(self.eps).unsqueeze(-1))
 
 
-# Search group by group while there are at most this many groups present, or on average at
-# least TOKENS_PER_GROUP_LOOP tokens per group; otherwise gather each token's codebook.
-MAX_LOOP_GROUPS = 64
-TOKENS_PER_GROUP_LOOP = 32
+# Group by group, or each token's codebook gathered? A search group by group pays a fixed cost
+# per group present (the split on the host, a few small kernels), the gathered search copies
+# every token's codebook (n·K·d elements). Loop while groups × LOOP_COST_ELEMENTS <= n·K·d,
+# the cost of a group in gathered elements. CPU, measured on this project's 2-core machine
+# (~55 µs a group, ~1.5 ns an element): hrvq 90 groups × 90 codes, D 256, 1,024 tokens: loop
+# 6 ms, gather 31 ms; 1,024 groups × 16 codes, D 64, 1,024 tokens: loop 28 ms, gather 1.5 ms.
+# CUDA without Triton, estimated: ~60 µs of launches and a sync a group, ~4 ps an element.
+LOOP_COST_ELEMENTS = {"cpu": 1 << 15, "cuda": 1 << 23}
 
 
 def _split_by_group(group_n: torch.Tensor, num_groups: int) -> tuple[list[int], tuple]:
@@ -202,22 +207,27 @@ def _grouped_nearest(
     group_n: torch.Tensor,
     distance: str,
     budget_elements: int = DEFAULT_BUDGET_ELEMENTS,
+    by_group: bool | None = None,
 ) -> torch.Tensor:
     """Nearest code of token n within codebook group_n[n] only, never the (N, G·K) distances.
 
-    Fused (see `use_fused`): one kernel launch over all groups. Few groups present: one
-    `nearest_code` matmul search per group. Many small groups, or under torch.compile: each
-    token's codebook is gathered, chunked so at most `budget_elements` entries are held.
+    Fused (see `use_fused`): one kernel launch over all groups. Otherwise `by_group` (None:
+    by `LOOP_COST_ELEMENTS`): one `nearest_code` matmul search per group present, or each
+    token's codebook gathered, chunked so at most `budget_elements` entries are held (always
+    under torch.compile, which cannot trace the split).
     """
     if use_fused(x_nd):
         return nearest_code_fused(x_nd, codebooks_gkd, distance, group_n=group_n)[0]
     g, k, d = codebooks_gkd.shape
     n = x_nd.shape[0]
     codes = torch.empty(n, dtype=torch.long, device=x_nd.device)
-    # the loop splits tokens by group on the host, which torch.compile cannot trace: compiled,
-    # always gather (same codes, one graph)
-    split = None if torch.compiler.is_compiling() else _split_by_group(group_n, g)
-    if split is not None and len(split[0]) <= max(MAX_LOOP_GROUPS, n // TOKENS_PER_GROUP_LOOP):
+    if torch.compiler.is_compiling():
+        by_group = False  # the split reads counts back to the host: compiled, gather (one graph)
+    split = None if by_group is False else _split_by_group(group_n, g)
+    if by_group is None:
+        cost = LOOP_COST_ELEMENTS.get(x_nd.device.type, LOOP_COST_ELEMENTS["cuda"])
+        by_group = len(split[0]) * cost <= n * k * d
+    if by_group:
         for grp, idx in zip(*split):
             codes[idx] = nearest_code(
                 x_nd[idx], codebooks_gkd[grp], distance, budget_elements, fused=False
