@@ -110,9 +110,11 @@ class Objective:
         full model (the EMA): under ZeRO-3 the engines partition its parameters. The EMA copy
         is made before the finiteness hooks and `train.compile` too, so evaluation has
         neither. The hooks' all-reduce is a graph break in a compiled forward (by design: a
-        non-finite latent must stop every rank before the quantizer runs)."""
+        non-finite latent must stop every rank before the quantizer runs); the quantizer's
+        own test of its input would repeat it (one more sync a step), so it is off."""
         for q in top_level_quantizers(self.model):
             q.register_forward_pre_hook(_finite_latents)
+            q.check_finite = False
         if self.cfg.train.compile:  # after the EMA copy: it must not share the compiled call
             for module in (self.model, getattr(self, "disc", None)):
                 if module is not None:

@@ -159,19 +159,25 @@ def test_unknown_type_and_key_are_named():
         build({"type": "vq", "dim": 8, "codebook_sise": 3})
 
 
-def test_finite_check_can_be_turned_off(family, monkeypatch):
-    """VQCORE_CHECK_FINITE=0 drops the host-syncing NaN test: the caller checks (vqtok's
-    trainer tests the latents before the quantizer); what a NaN then does is family-specific
-    (FSQ's codes index out of range)."""
-    q = build({"type": family, "dim": 8})
-    monkeypatch.setenv("VQCORE_CHECK_FINITE", "0")
+def _unchecked(q) -> None:
     try:
         q(torch.full((2, 8, 4, 4), float("nan")))
     except Exception as exc:  # noqa: BLE001 - any failure but the check's own
         assert "NaN or inf" not in str(exc)
+
+
+def test_finite_check_can_be_turned_off(family, monkeypatch):
+    """VQCORE_CHECK_FINITE=0 (every quantizer) or `q.check_finite = False` (one) drops the
+    host-syncing NaN test: the caller checks (vqtok's trainer tests the latents before the
+    quantizer); what a NaN then does is family-specific (FSQ's codes index out of range)."""
+    q = build({"type": family, "dim": 8})
+    monkeypatch.setenv("VQCORE_CHECK_FINITE", "0")
+    _unchecked(q)
     monkeypatch.setenv("VQCORE_CHECK_FINITE", "1")
     with pytest.raises(ValueError, match="NaN"):
         q(torch.full((2, 8, 4, 4), float("nan")))
+    q.check_finite = False
+    _unchecked(q)
 
 
 @pytest.mark.parametrize("n, k", [(1, 4), (500, 7), (4096, 65536)])

@@ -306,7 +306,9 @@ def test_skipped_step_changes_no_weight(tmp_path):
         return out
 
     before = snapshot()
-    # a NaN in the input: the latents are NaN, caught before the quantizer
+    # a NaN in the input: the latents are NaN, caught before the quantizer (by the trainer's
+    # all-reduced hook alone: the quantizer's own test, a second sync, is off in training)
+    assert not obj.model.quantizer.check_finite
     bad = x.clone()
     bad[0, 0, 0, 0, 0] = float("nan")
     assert obj.micro_step(bad, 1) == (None, False)

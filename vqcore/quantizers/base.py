@@ -32,9 +32,9 @@ CHECK_FINITE_ENV = "VQCORE_CHECK_FINITE"
 def check_finite_enabled() -> bool:
     """Whether `check_input` tests z for NaN/inf: on unless VQCORE_CHECK_FINITE=0 (read at
     every call), and never while torch.compile traces. The test reads z back on the host,
-    one sync per forward on a GPU: the benchmarks turn it off. vqtok's trainer leaves it on;
-    its own finiteness check of the latents runs first (`pipelines/objectives.py`), so in
-    training this one only repeats it (one more sync per step)."""
+    one sync per forward on a GPU: the benchmarks turn it off. A caller that checks z itself
+    turns it off for one quantizer instead (`Quantizer.check_finite`): vqtok's trainer, whose
+    all-reduced check of the latents runs first (`pipelines/objectives.py`)."""
     if os.environ.get(CHECK_FINITE_ENV, "1").strip() == "0":
         return False
     return not torch.compiler.is_compiling()
@@ -198,6 +198,8 @@ class Quantizer(nn.Module):
         config.validate()
         self.config = config
         self.dim = config.dim
+        # NaN/inf test of z in `check_input` (a host sync): off where the caller checks z
+        self.check_finite = True
 
     # -- subclass API
     def quantize(self, z: torch.Tensor) -> Quantized:  # pragma: no cover - abstract
@@ -261,7 +263,7 @@ class Quantizer(nn.Module):
             raise ValueError(
                 f"{name}: expected {self.dim} channels in a {expected}, got shape {tuple(z.shape)}"
             )
-        if check_finite_enabled() and not torch.isfinite(z).all():
+        if self.check_finite and check_finite_enabled() and not torch.isfinite(z).all():
             raise ValueError(f"{name}: input contains NaN or inf (shape {tuple(z.shape)})")
 
     # -- export
