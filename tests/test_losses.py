@@ -47,8 +47,11 @@ def fake_alexnet(no_weights):
     ckpt = no_weights / "torch_home" / "hub" / "checkpoints"
     ckpt.mkdir(parents=True)
     torch.manual_seed(0)
-    state = {k: v for k, v in torchvision.models.alexnet().state_dict().items()
-             if k.startswith("features.")}
+    state = {
+        k: v
+        for k, v in torchvision.models.alexnet().state_dict().items()
+        if k.startswith("features.")
+    }
     torch.save(state, ckpt / BACKBONE_FILES["alex"])
     return state
 
@@ -79,7 +82,8 @@ def test_gan_losses_known_values():
     assert g_hinge(fake).item() == pytest.approx(0.75)
     sp = lambda v: math.log1p(math.exp(v))  # noqa: E731  softplus
     assert d_non_saturating(real, fake).item() == pytest.approx(
-        (sp(-2.0) + sp(-0.5)) / 2 + (sp(-2.0) + sp(0.5)) / 2, rel=1e-6)
+        (sp(-2.0) + sp(-0.5)) / 2 + (sp(-2.0) + sp(0.5)) / 2, rel=1e-6
+    )
     assert g_non_saturating(fake).item() == pytest.approx((sp(2.0) + sp(-0.5)) / 2, rel=1e-6)
     # a perfect hinge discriminator pays nothing
     assert d_hinge(torch.full((3,), 1.5), torch.full((3,), -1.5)).item() == 0.0
@@ -121,6 +125,17 @@ def test_lecam_zero_at_emas_and_ema_update():
     assert flat(torch.full((2,), 0.5), torch.full((2,), 0.5)).item() == 0.0
 
 
+def test_lecam_update_reads_nothing_back():
+    """No host sync in a step: on fake tensors, reading a value back (`bool`, `item`) raises."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        lc = LeCam()
+        for _ in range(2):
+            lc.update(torch.randn(4), torch.randn(4))
+            lc(torch.randn(4), torch.randn(4))
+
+
 # --- teacher alignment ------------------------------------------------------------------------
 
 
@@ -157,7 +172,8 @@ def test_teacher_zero_when_student_equals_teacher(distance):
 def test_teacher_projection_trains_and_checks_dims():
     torch.manual_seed(0)
     align = TeacherAlignment(
-        TeacherConfig(projection=True, student_dim=7, teacher_dim=5), PatchTeacher())
+        TeacherConfig(projection=True, student_dim=7, teacher_dim=5), PatchTeacher()
+    )
     student = torch.randn(2, 7, 2, 4, 4, requires_grad=True)
     loss = align(student, torch.randn(2, 3, 4, 16, 16))
     loss.backward()
@@ -202,8 +218,13 @@ def test_perceptual_loads_local_backbone_file(fake_alexnet, no_weights, tmp_path
     val.backward()
     assert val.dim() == 0 and x_hat.grad is not None
     # an explicit path works too, and a file without the trunk keys fails loudly
-    explicit = Perceptual(PerceptualConfig(backbone_path=str(
-        no_weights / "torch_home" / "hub" / "checkpoints" / BACKBONE_FILES["alex"])))
+    explicit = Perceptual(
+        PerceptualConfig(
+            backbone_path=str(
+                no_weights / "torch_home" / "hub" / "checkpoints" / BACKBONE_FILES["alex"]
+            )
+        )
+    )
     assert explicit.available
     torch.save({"classifier.1.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="features.0.weight"):
@@ -229,8 +250,14 @@ def test_tokenizer_loss_terms_and_gradients(no_weights):
     loss = TokenizerLoss(cfg)
     x_hat = dec(z)
     g = loss.generator(x_hat, x, torch.tensor(0.3), step=5, disc=disc, last_layer=dec.weight)
-    assert set(g.terms) == {"recon_l1", "quantizer", "g_gan", "adaptive_weight",
-                            "disc_factor", "total"}
+    assert set(g.terms) == {
+        "recon_l1",
+        "quantizer",
+        "g_gan",
+        "adaptive_weight",
+        "disc_factor",
+        "total",
+    }
     expect = g.terms["recon_l1"] + 0.3 + 0.1 * g.terms["adaptive_weight"] * g.terms["g_gan"]
     assert g.terms["total"].item() == pytest.approx(expect.item(), rel=1e-5)
     g.total.backward()
@@ -259,14 +286,19 @@ def test_disc_start_and_2d_disc_on_video(no_weights):
 def test_teacher_term_in_total(no_weights):
     dec, z, x = _setup(video=False)
     teacher = PatchTeacher()
-    cfg = TokenizerLossConfig(perceptual_weight=0.0, gan_weight=0.0, teacher_weight=0.5,
-                              teacher=TeacherConfig(projection=True, student_dim=4, teacher_dim=5))
+    cfg = TokenizerLossConfig(
+        perceptual_weight=0.0,
+        gan_weight=0.0,
+        teacher_weight=0.5,
+        teacher=TeacherConfig(projection=True, student_dim=4, teacher_dim=5),
+    )
     loss = TokenizerLoss(cfg, teacher=teacher)
     assert len(loss.trainable_parameters()) == 2  # the projection's weight and bias
     feats = torch.nn.functional.avg_pool2d(z, 4)
     g = loss.generator(dec(z), x, None, step=0, student_features=feats)
     assert g.terms["total"].item() == pytest.approx(
-        (g.terms["recon_l1"] + 0.5 * g.terms["teacher"]).item(), rel=1e-6)
+        (g.terms["recon_l1"] + 0.5 * g.terms["teacher"]).item(), rel=1e-6
+    )
     with pytest.raises(ValueError, match="student_features"):
         loss.generator(dec(z), x, None, step=0)
     with pytest.raises(ValueError, match="teacher module"):
@@ -275,8 +307,13 @@ def test_teacher_term_in_total(no_weights):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"recon": "l3"}, {"gan": "wgan"}, {"gan_weight": -1.0}, {"disc_start": -1},
-     {"perceptual": PerceptualConfig(net="squeeze")}],
+    [
+        {"recon": "l3"},
+        {"gan": "wgan"},
+        {"gan_weight": -1.0},
+        {"disc_start": -1},
+        {"perceptual": PerceptualConfig(net="squeeze")},
+    ],
 )
 def test_bad_loss_configs(kwargs):
     with pytest.raises(ValueError):

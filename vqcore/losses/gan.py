@@ -39,8 +39,11 @@ GAN_LOSSES: dict[str, tuple[Callable, Callable]] = {
 
 
 def adaptive_weight(
-    nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-    delta: float = 1e-4, max_weight: float = 1e4,
+    nll_loss: torch.Tensor,
+    g_loss: torch.Tensor,
+    last_layer: torch.Tensor,
+    delta: float = 1e-4,
+    max_weight: float = 1e4,
 ) -> torch.Tensor:
     """VQGAN's λ (Esser et al., arXiv:2012.09841, eq. 7), detached:
     λ = ‖∇_{G_L} L_rec‖ / (‖∇_{G_L} L_GAN‖ + δ), clamped to [0, max_weight],
@@ -71,13 +74,12 @@ class LeCam(nn.Module):
         means = torch.stack([logits_real.float().mean(), logits_fake.float().mean()])
         if is_distributed():
             means = all_reduce_sum_(means) / torch.distributed.get_world_size()
-        if not bool(self.initialized):  # start the EMAs at the first batch, not at 0
-            self.ema_real.copy_(means[0])
-            self.ema_fake.copy_(means[1])
-            self.initialized.fill_(True)
-            return
-        self.ema_real.lerp_(means[0], 1.0 - self.decay)
-        self.ema_fake.lerp_(means[1], 1.0 - self.decay)
+        # the first batch starts the EMAs (weight 1: lerp gives `means` exactly), not 0; chosen
+        # on the device, as reading `initialized` back would be a host sync every step
+        weight = torch.where(self.initialized, 1.0 - self.decay, 1.0).float()
+        self.ema_real.lerp_(means[0], weight)
+        self.ema_fake.lerp_(means[1], weight)
+        self.initialized.fill_(True)
 
     def forward(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
         """R_LC with the current EMAs (call `update` first in a training step)."""
