@@ -9,13 +9,15 @@
 
 An objective owns its engines: `micro_step`, `save`/`load` of their state, `lr`.
 
-A non-finite loss (on any rank: the check is all-reduced) skips the step on every rank and
-leaves every weight as it was: no backward, no optimiser step, and the state a forward
-changes in place (EMA codebooks, CVQ re-anchored codes, usage counters, LeCam statistics) is
-put back from a copy taken before the forward (`StateGuard`; quantizer parameters and all
-buffers: small next to the model). Non-finite latents are caught before they reach a
-quantizer (which rejects them, and whose collectives other ranks would be waiting in): a
-pre-hook all-reduces their finiteness, so every rank skips the step together.
+A non-finite loss or non-finite latents (on any rank: the check is all-reduced) skip the step
+on every rank and leave every weight as it was: no backward, no optimiser step, and the state
+a forward changes in place (EMA codebooks, CVQ re-anchored codes, usage counters, LeCam
+statistics) is put back from a copy taken before the forward (`StateGuard`; quantizer
+parameters and all buffers: small next to the model). Latents are checked on the device, not
+read back (`LatentCheck`): non-finite ones reach the quantizer as zeros, so every family runs
+(FSQ would index out of range on NaN) and with it the collectives the other ranks are in, and
+the step's one finiteness check reads their flag with the loss: one host sync for the
+generator step, one for the discriminator's, and no graph break in a compiled forward.
 """
 
 from __future__ import annotations
@@ -32,24 +34,43 @@ from pipelines.inputs import fold_frames
 from pipelines.parallel import autocast, make_engine
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    """True on every rank only if the loss is finite on every rank (all skip together)."""
-    flag = torch.tensor([float(torch.isfinite(t.detach()).all())], device=t.device)
+def _all_finite(t: torch.Tensor, *flags: torch.Tensor) -> bool:
+    """True on every rank only if `t` is finite and every bool `flags` holds, on every rank
+    (all skip together). One all-reduce and one read back: the step's host sync."""
+    ok = torch.isfinite(t.detach()).all()
+    for flag in flags:
+        ok = ok & flag
+    ok = ok.float().reshape(1)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
 
 
-class NonFiniteLatents(Exception):
-    """Raised on every rank together by the quantizers' pre-hook; ends the micro-step."""
+class LatentCheck:
+    """Finiteness of every top-level quantizer's input in training, kept on the device.
 
+    A forward pre-hook ANDs `isfinite(z).all()` into `ok` and hands the quantizer z, or zeros
+    if z is not finite (so the quantizer and its collectives run as on every other rank, and no
+    NaN reaches a codebook: the step is skipped and its state restored anyway). The quantizer's
+    own input test (a host sync) is turned off. `reset()` before each forward; `ok` then goes
+    into the step's one check (`_all_finite`)."""
 
-def _finite_latents(module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook of a top-level quantizer in training: if its input is not finite on
-    some rank, raise on all of them (eval runs on rank 0 alone: no collective there)."""
-    if module.training and args and isinstance(args[0], torch.Tensor):
-        if not _all_finite(args[0]):
-            raise NonFiniteLatents(type(module).__name__)
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.ok = torch.ones((), dtype=torch.bool, device=device)
+        for q in top_level_quantizers(model):
+            q.register_forward_pre_hook(self._hook)
+            q.check_finite = False
+
+    def reset(self) -> None:
+        self.ok.fill_(True)
+
+    def _hook(self, module: nn.Module, args: tuple):
+        if not (module.training and args and isinstance(args[0], torch.Tensor)):
+            return None
+        z = args[0]
+        finite = torch.isfinite(z).all()
+        self.ok.logical_and_(finite)
+        return (torch.where(finite, z, torch.zeros_like(z)), *args[1:])
 
 
 class StateGuard:
@@ -108,13 +129,8 @@ class Objective:
     def init_engines(self) -> None:
         """Wrap the model in its DeepSpeed engines. Called after anything that must copy the
         full model (the EMA): under ZeRO-3 the engines partition its parameters. The EMA copy
-        is made before the finiteness hooks and `train.compile` too, so evaluation has
-        neither. The hooks' all-reduce is a graph break in a compiled forward (by design: a
-        non-finite latent must stop every rank before the quantizer runs); the quantizer's
-        own test of its input would repeat it (one more sync a step), so it is off."""
-        for q in top_level_quantizers(self.model):
-            q.register_forward_pre_hook(_finite_latents)
-            q.check_finite = False
+        is made before the latent check and `train.compile` too, so evaluation has neither."""
+        self.latents = LatentCheck(self.model, self.device)
         if self.cfg.train.compile:  # after the EMA copy: it must not share the compiled call
             for module in (self.model, getattr(self, "disc", None)):
                 if module is not None:
@@ -198,12 +214,9 @@ class TokenizerObjective(Objective):
         gen = self.engines["gen"]
         guard = self.guard("gen", self.model, self.loss_fn, self.disc)
         guard.save()
-        try:
-            with autocast(self.cfg, self.device):
-                x_hat, q = self.model(x)
-        except NonFiniteLatents:
-            guard.restore()
-            return None, False
+        self.latents.reset()
+        with autocast(self.cfg, self.device):
+            x_hat, q = self.model(x)
         x_hat = x_hat.float()
         self.count_tokens(q.z_q)
         last = getattr(self.model, "last_layer", None)
@@ -212,7 +225,7 @@ class TokenizerObjective(Objective):
         g = self.loss_fn.generator(x_hat, x, q.loss, step, disc=self.disc, last_layer=last)
         terms = dict(g.terms)
         terms.update({f"quantizer/{k}": v for k, v in q.metrics.items()})
-        if not _all_finite(g.total):
+        if not _all_finite(g.total, self.latents.ok):
             guard.restore()
             return None, False
         gen.backward(g.total)
@@ -244,15 +257,12 @@ class HFSVQObjective(Objective):
         phase = "low" if step % 2 == 0 else "high"
         guard = self.guard("model", self.model)
         guard.save()
-        try:
-            with autocast(self.cfg, self.device):
-                out = getattr(self.model, f"{phase}_loss")(x)
-        except NonFiniteLatents:
-            guard.restore()
-            return None, False
+        self.latents.reset()
+        with autocast(self.cfg, self.device):
+            out = getattr(self.model, f"{phase}_loss")(x)
         loss = out.loss.float()
         self.count_tokens(out.quantized.z_q)
-        if not _all_finite(loss):
+        if not _all_finite(loss, self.latents.ok):
             guard.restore()
             return None, False
         engine = self.engines[phase]

@@ -306,8 +306,8 @@ def test_skipped_step_changes_no_weight(tmp_path):
         return out
 
     before = snapshot()
-    # a NaN in the input: the latents are NaN, caught before the quantizer (by the trainer's
-    # all-reduced hook alone: the quantizer's own test, a second sync, is off in training)
+    # a NaN in the input: the latents are NaN; the quantizer sees zeros instead (its own test,
+    # a second host sync, is off in training) and the step's one check skips the step
     assert not obj.model.quantizer.check_finite
     bad = x.clone()
     bad[0, 0, 0, 0, 0] = float("nan")
@@ -326,6 +326,26 @@ def test_skipped_step_changes_no_weight(tmp_path):
     assert _same(before, snapshot()) == []  # ... and the skip put it back, with all else
     assert obj.micro_step(x, 1)[0] is not None  # a finite step does change them
     assert _same(before, snapshot()) != []
+
+
+def test_latent_check_flags_nan_on_the_device_in_one_compiled_graph():
+    """The trainer's latent check reads nothing back: compiled with fullgraph=True (no break),
+    a NaN latent reaches the quantizer as zeros and only the device flag says so."""
+    from pipelines.objectives import LatentCheck
+    from vqcore.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"type": "pvqvae", "flavour": "debug"}).train()
+    check = LatentCheck(model, torch.device("cpu"))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x = torch.rand(1, 3, 4, 32, 32) * 2 - 1
+    check.reset()
+    compiled(x)
+    assert check.ok.item()
+    x[0, 0, 0, 0, 0] = float("nan")
+    check.reset()
+    x_hat, _ = compiled(x)
+    assert not check.ok.item() and torch.isfinite(x_hat).all()
 
 
 def _poison(monkeypatch, bad) -> None:
