@@ -60,7 +60,8 @@ def make_key(name: str, path: str | Path = "") -> str:
 
 def encode_h264(frames: Iterable[np.ndarray], fps: float, crf: int = 23, threads: int = 1) -> bytes:
     """Encode uint8 `(H, W, 3)` frames to an H.264 mp4 (yuv420p, faststart) in memory.
-    Odd sizes are cropped to even; `threads=1` makes the bytes reproducible."""
+    Odd sizes are cropped to even; `threads=1` (with x264's `cpu-independent`, always on)
+    makes the bytes reproducible."""
     it = iter(frames)
     first = next(it, None)
     if first is None:
@@ -84,7 +85,18 @@ def _encode_to(path: str, frames: Iterable[np.ndarray], fps: float, crf: int, th
                 rate = Fraction(fps).limit_denominator(1001)
                 stream = out.add_stream("libx264", rate=rate)
                 stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-                stream.options = {"crf": str(crf), "preset": "veryfast", "threads": str(threads)}
+                stream.options = {
+                    "crf": str(crf),
+                    "preset": "veryfast",
+                    "threads": str(threads),
+                    # x264's AVX-512 mbtree_propagate_list works on 8 macroblocks at a time
+                    # and does not mask the lanes past a row's end: it reads leftover heap
+                    # there and can add it to the MB-tree costs, so the bytes then depend on
+                    # what the process allocated before. Seen with skimage's 14x25 gif (one
+                    # macroblock wide). cpu-independent uses x264's C versions of the MB-tree
+                    # functions instead, which also gives the same bytes on any x86 CPU.
+                    "x264-params": "cpu-independent=1",
+                }
             vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[:h, :w]), format="rgb24")
             out.mux(stream.encode(vf))
         out.mux(stream.encode(None))

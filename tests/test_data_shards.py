@@ -59,14 +59,6 @@ def test_demo_round_trip_counts_keys_metadata(demo):
     assert {p.name for p in video_files()} <= set(sources)  # the real bundled clips
 
 
-# The one sample whose bytes are not reproducible: skimage's animated gif re-encoded to H.264
-# while it is being decoded. Decoded first and then encoded, the same frames give the same
-# bytes every time (8 of 8); interleaved, 1-3 runs in 4 give other bytes (2170 vs 2180-2239
-# B), with decoder threads at 1 too. Not yet understood: its metadata (frames, size, fps,
-# duration) is compared instead of its bytes.
-UNREPRODUCIBLE = "no_time_for_that"
-
-
 def _members(tar_path):
     """{key: {extension: bytes}} of one shard, read by webdataset."""
     samples = wds.WebDataset([str(tar_path)], shardshuffle=False, empty_check=False)
@@ -77,17 +69,12 @@ def test_demo_data_is_deterministic(demo, tmp_path):
     out, manifests = demo
     again = make_demo_data(tmp_path, crops_per_photo=1, clips_per_photo=1)
     for split in manifests:
-        want, got = dict(manifests[split]), dict(again[split])
-        assert abs(want.pop("bytes") - got.pop("bytes")) < 1024  # the gif clip's, see above
-        assert got == want
+        assert again[split] == manifests[split]
         for shard in manifests[split]["shards"]:
             a, b = _members(out / shard), _members(tmp_path / shard)
             assert a.keys() == b.keys()
-            for key in a:
-                if UNREPRODUCIBLE in key:  # the same frames, size, fps and duration
-                    assert a[key]["json"] == b[key]["json"], key
-                else:
-                    assert a[key] == b[key], key
+            for key in a:  # every sample's bytes, the re-encoded gif's too
+                assert a[key] == b[key], key
 
 
 def test_write_shards_probes_skips_and_splits(tmp_path):
