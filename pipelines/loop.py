@@ -37,7 +37,13 @@ from pipelines.config import Config
 from pipelines.evaluate import evaluate, top_level_quantizers
 from pipelines.inputs import to_model_input
 from pipelines.objectives import build_objective
-from pipelines.parallel import autocast, gathered, init_single_process_group, setup_accelerator
+from pipelines.parallel import (
+    autocast,
+    gathered,
+    host_group,
+    init_single_process_group,
+    setup_accelerator,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,19 +78,19 @@ def micro_step_seed(seed: int, rank: int, micro_step: int) -> int:
     return int(np.random.SeedSequence([seed, rank, micro_step]).generate_state(1)[0])
 
 
-def _all_ranks(flag: bool) -> bool:
-    """True only if `flag` holds on every rank (a MIN all-reduce; identity in one process)."""
+def _all_ranks(flag: bool, group=None) -> bool:
+    """True only if `flag` holds on every rank (a MIN all-reduce over the host `group`, see
+    `parallel.host_group`; identity in one process)."""
     import torch.distributed as dist
 
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return flag
-    nccl = dist.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
-    t = torch.tensor([int(flag)], device=torch.cuda.current_device() if nccl else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return bool(t.item())
 
 
-def _batches_forever(session: Session, state: ckpt.TrainState) -> Iterator[dict]:
+def _batches_forever(session: Session, state: ckpt.TrainState, group=None) -> Iterator[dict]:
     """Batches epoch after epoch, in lockstep over ranks: when any rank's shard runs out
     (shards may differ by a batch: skipped samples, uneven splits), every rank ends the
     epoch together, so no rank waits in a collective for a rank that is between epochs.
@@ -97,7 +103,7 @@ def _batches_forever(session: Session, state: ckpt.TrainState) -> Iterator[dict]
         stream, got_any = iter(session.batches(state.epoch)), False
         while True:
             batch = next((b for b in stream if b["video"].shape[0] > 0), None)
-            if not _all_ranks(batch is not None):
+            if not _all_ranks(batch is not None, group):
                 break
             got_any = True
             if skip:
@@ -122,7 +128,7 @@ def _batches_forever(session: Session, state: ckpt.TrainState) -> Iterator[dict]
             skip = 0
         state.epoch += 1
         state.batches_in_epoch = 0
-        if not _all_ranks(got_any):
+        if not _all_ranks(got_any, group):
             raise RuntimeError(
                 "the training data yielded no usable sample in a whole epoch "
                 "on some rank; run `vqtok inspect` on the shards"
@@ -133,6 +139,7 @@ def train_loop(cfg: Config, session: Session) -> dict[str, float]:
     """Train for cfg.train.steps optimiser steps; returns the last metrics."""
     device = setup_accelerator(cfg.scaling.use_gpu)
     init_single_process_group(device)  # no-op under Ray Train, which made the group
+    flags = host_group()  # the data lockstep's all-reduces stay on the host
     seed_everything(cfg.train.seed)
     objective = build_objective(cfg, device)
     # the EMA copies the full model before ZeRO-3 partitions it (engines are made after)
@@ -156,7 +163,7 @@ def train_loop(cfg: Config, session: Session) -> dict[str, float]:
     # loss terms summed on the device since the last log: read back only when logged
     window: dict[str, torch.Tensor | float] = {}
     window_n = 0
-    for batch in _batches_forever(session, state):
+    for batch in _batches_forever(session, state, flags):
         if state.step >= cfg.train.steps:
             break
         # every rank draws differently, and a resumed run as an uninterrupted one would

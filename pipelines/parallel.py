@@ -60,6 +60,18 @@ def init_single_process_group(device: torch.device) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
+def host_group():
+    """The process group for flags the host already holds (the data lockstep): the default
+    group on gloo, else a gloo group over the same ranks. Over NCCL such a flag would be a
+    CUDA tensor, and reading the result back would wait for the GPU's whole queue: a stall
+    every micro-step. Every rank must call this at the same point (`train_loop`'s start)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
+
+
 def use_bf16(cfg: Config, device: torch.device) -> bool:
     if cfg.train.precision == "auto":
         return device.type == "cuda"
