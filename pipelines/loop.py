@@ -145,6 +145,9 @@ def train_loop(cfg: Config, session: Session) -> dict[str, float]:
     # the EMA copies the full model before ZeRO-3 partitions it (engines are made after)
     ema_avg = get_ema_multi_avg_fn(cfg.train.ema_decay)
     ema = AveragedModel(objective.model, multi_avg_fn=ema_avg, use_buffers=True)
+    # `update_parameters` tests its count (`n_averaged == 0`) on the host at every update: on
+    # the CPU that reads no GPU value (a GPU copy would stall the queue once a step)
+    ema.n_averaged = ema.n_averaged.cpu()
     objective.init_engines()
     state = ckpt.TrainState(seed=cfg.train.seed)
     restore = session.restore_dir()
