@@ -36,6 +36,28 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture
+def debug_objective():
+    """`build(*overrides)`: the training objective of jobs/debug.yaml (+ key=value overrides)
+    in this process, on CPU in a world of one, with its DeepSpeed engines, seeded."""
+    from pathlib import Path
+
+    from pipelines.config import load_config
+    from pipelines.objectives import build_objective
+    from pipelines.parallel import init_single_process_group, setup_accelerator
+
+    def build(*overrides: str):
+        device = setup_accelerator(False)
+        init_single_process_group(device)
+        cfg = load_config(Path(__file__).resolve().parents[1] / "jobs/debug.yaml", list(overrides))
+        torch.manual_seed(0)
+        objective = build_objective(cfg, device)
+        objective.init_engines()
+        return objective
+
+    return build
+
+
 # The switches vqcore reads from the environment at every call. A test that sets one in the
 # process (a benchmark's main() does) must restore it: a leak silently changes every later
 # test's code path (it happened: the fused interpreter path for the rest of the suite).
