@@ -19,7 +19,8 @@ Options the issue's MFU work asks for: `--grad-checkpoint` (every ResBlock recom
 backward), `--channels-last` (channels_last(_3d) weights and input), `--fused-optim` (Adam's
 fused kernel), `--profile DIR` (torch.profiler over 3 steps: a Chrome trace in DIR and the
 top operators by self time in the JSON line). The quantizer's NaN check (a host sync) is off
-(VQCORE_CHECK_FINITE=0), as in vqtok's trainer, which checks the loss instead.
+(VQCORE_CHECK_FINITE=0), as in vqtok's trainer, whose own check (latents and loss together,
+one read per step: `pipelines/objectives.py`) this step leaves out.
 Runs with torch alone, on CUDA or CPU. Peak memory without a GPU: `train_memory.py`.
 """
 
