@@ -5,7 +5,8 @@ Stages: check shards (a file that is not a tar, a tar cut short or with broken k
 counted as `bad_shard` and left out, so it cannot stop the read) -> read samples in a
 seeded per-epoch file order -> per group of `batch_size` samples, draw one
 (resolution, frames) pair (`sampling.draw_spec`), decode only the needed frames
-(`decode`), random-resized crop, truncate/zero-pad -> fixed-shape uint8 batches.
+(`decode`), random-resized crop, truncate/zero-pad -> fixed-shape uint8 batches (images
+in batches of their own, T = 1).
 
 A batch (from `BatchStream`, for both paths) is a dict:
     video       torch.uint8 (B, 3, T, H, W)   B <= batch_size (memory rule, skipped samples);
@@ -146,11 +147,21 @@ def batch_rng(keys: list[str], seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, zlib.crc32("\n".join(keys).encode())])
 
 
+def is_image(row: dict) -> bool:
+    """True when the sample's media is an image (known before decoding, from its key)."""
+    return any(isinstance(row.get(ext), (bytes, bytearray, memoryview)) for ext in dec.IMAGE_EXTS)
+
+
 def decode_group(
     rows: list[dict], cfg: DataConfig, epoch: int, errors: list | None = None
 ) -> Iterator[dict]:
     """A group of raw samples -> batches of one drawn (resolution, frames), yielded as each
     fills (`spec.batch_size` from the memory rule), so at most one batch is held at a time.
+
+    Images never share a batch with clips of several frames: they go to batches of T = 1 at
+    the drawn resolution (after the group's clips), so no image is zero-padded in time and
+    no training step spends its loss on black frames (issue 25: 15/16 of an image's loss
+    was padding at 16 frames). Clips shorter than T are still padded; `num_frames` says so.
 
     Bad samples are skipped and counted: each batch's `skipped` holds the skips since the
     previous one (a last batch with B = 0 carries trailing skips). `errors`, if given,
@@ -160,32 +171,57 @@ def decode_group(
     spec = smp.draw_spec(
         rng, cfg.resolutions, cfg.frame_counts, cfg.batch_size, cfg.memory_budget_bytes
     )
-    shape = (spec.batch_size, spec.num_frames, spec.height, spec.width, 3)  # filled channel-last
+    work = list(zip(keys, rows, rng.spawn(len(rows))))
+    if spec.num_frames > 1:
+        still = smp.BatchSpec(spec.height, spec.width, 1, smp.batch_size_for(
+            spec.height, spec.width, 1, cfg.batch_size, cfg.memory_budget_bytes))  # fmt: skip
+        parts = [(spec, [w for w in work if not is_image(w[1])]),
+                 (still, [w for w in work if is_image(w[1])])]  # fmt: skip
+    else:
+        parts = [(spec, work)]
+    pending: Counter = Counter()  # skips not yet handed on with a batch
+    emitted = False
+    for part_spec, part in parts:
+        for b in _fill(part, part_spec, cfg, errors, pending):
+            emitted = True
+            yield b
+    if pending or not emitted:
+        t = spec.num_frames
+        yield {
+            "video": np.zeros((0, t, spec.height, spec.width, 3), np.uint8),
+            "num_frames": np.zeros(0, np.int32),
+            "keys": [],
+            "skipped": pending,
+        }
+
+
+def _fill(work: list, spec: smp.BatchSpec, cfg: DataConfig, errors: list | None,
+          skipped: Counter) -> Iterator[dict]:  # fmt: skip
+    """Decode `(key, row, rng)` triples into batches of `spec`; `skipped` collects skips and
+    is handed on (then cleared) with each batch. A last partial batch is yielded."""
+    shape = (spec.batch_size, spec.num_frames, spec.height, spec.width, 3)  # channel-last
 
     def finish(b: dict) -> dict:
         n = len(b["keys"])
-        return {
+        out = {
             "video": b["video"][:n],
             "num_frames": np.asarray(b["num_frames"], np.int32),
             "keys": b["keys"],
-            "skipped": b["skipped"],
+            "skipped": Counter(skipped),
         }
+        skipped.clear()
+        return out
 
-    batch, emitted = None, False
-    for key, row, srng in zip(keys, rows, rng.spawn(len(rows))):
+    batch = None
+    for key, row, srng in work:
         if batch is None:
-            batch = {
-                "video": np.zeros(shape, np.uint8),
-                "num_frames": [],
-                "keys": [],
-                "skipped": Counter(),
-            }
+            batch = {"video": np.zeros(shape, np.uint8), "num_frames": [], "keys": []}
         slot = batch["video"][len(batch["keys"])]
         try:
             real = decode_sample(row, spec, srng, cfg, slot)
         except Exception as e:  # noqa: BLE001 - nothing in one sample may stop the stream
             bad = e if isinstance(e, dec.BadSample) else dec.BadSample("decode_error", repr(e))
-            batch["skipped"][bad.reason] += 1
+            skipped[bad.reason] += 1
             if errors is not None:
                 errors.append((key, bad.reason, bad.detail))
             continue
@@ -193,8 +229,8 @@ def decode_group(
         batch["keys"].append(key)
         if len(batch["keys"]) == spec.batch_size:
             yield finish(batch)
-            batch, emitted = None, True
-    if batch is not None and (batch["keys"] or batch["skipped"] or not emitted):
+            batch = None
+    if batch is not None and batch["keys"]:
         yield finish(batch)
 
 

@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
           f"({where}, DeepSpeed ZeRO-{cfg.train.zero_stage}); run folder {cfg.run.run_dir}",
           flush=True)  # fmt: skip
     metrics = fit(cfg, local=args.local)
+    from pipelines.evaluate import reference_table
+
     show = ["eval/psnr", "eval/ssim", "eval/lpips", "eval/codebook_usage",
             "eval/codebook_perplexity", "eval/bits_per_token", "eval/compression_ratio",
             "train/recon_l1", "train/clips_per_s"]  # fmt: skip
@@ -58,6 +60,11 @@ def run(args: argparse.Namespace) -> int:
     for key in show:
         if key in metrics and metrics[key] is not None:
             print(f"  {key:<28} {metrics[key]:.4g}")
+    print("\nAgainst trivial references on the same frames:")
+    print(reference_table(metrics))
+    grid = sorted(cfg.run.run_dir.glob("**/recon*.png"))
+    if grid:
+        print(f"Recon grid:   {grid[-1]}")
     db = cfg.run.run_dir / "mlflow" / "mlflow.db"
     uri = cfg.run.tracking_uri or f"sqlite:///{db}"
     print(f"\nRun folder:   {cfg.run.run_dir}")

@@ -169,6 +169,33 @@ def first_media(x: torch.Tensor, x_hat: torch.Tensor, batch: dict) -> dict[str, 
     return media
 
 
+def reference_table(metrics: dict, prefix: str = "eval/") -> str:
+    """The model's PSNR/SSIM beside the trivial references on the same frames (each clip's
+    mean colour; bicubic down/up at each factor, its compression ratio f²), the bicubic at
+    the model's rate marked, and whether the model beats it."""
+    get = lambda k: metrics.get(prefix + k)  # noqa: E731
+    fmt = lambda v: "    -" if v is None else f"{v:5.2f}"  # noqa: E731
+    ratio, bits = get("compression_ratio"), get("bits_per_token")
+    rate = get("reference_rate_factor")
+    model = "model" + (f" ({ratio:.1f}x, {bits:.3g} bits/position)" if ratio and bits else "")
+    rows = [(model, get("psnr"), get("ssim")),
+            ("mean colour of each clip", get("reference_mean_colour_psnr"),
+             get("reference_mean_colour_ssim"))]  # fmt: skip
+    for f in (2, 4, 8, 16):
+        if get(f"reference_bicubic_x{f}_psnr") is not None:
+            mark = "  <- at the model's rate" if rate == f else ""
+            rows.append((f"bicubic x{f} ({f * f}x){mark}", get(f"reference_bicubic_x{f}_psnr"),
+                         get(f"reference_bicubic_x{f}_ssim")))  # fmt: skip
+    width = max(len(r[0]) for r in rows)
+    lines = [f"  {'':<{width}}  PSNR dB  SSIM"]
+    lines += [f"  {name:<{width}}  {fmt(p)}   {fmt(s)}" for name, p, s in rows]
+    beats = get("beats_rate")
+    if beats is not None:
+        verdict = "yes" if beats else "NO: it has not learned to compress better than resampling"
+        lines.append(f"  beats bicubic at its rate: {verdict}")
+    return "\n".join(lines)
+
+
 def save_png(image: np.ndarray, path: Path) -> Path:
     from PIL import Image
 
@@ -271,5 +298,6 @@ def run(args: argparse.Namespace) -> int:
         if "grid" in media:
             tracker.log_image(media["grid"], "recon", step=0)
     print(json.dumps(metrics, indent=1))
+    print(reference_table(metrics))
     print(f"[vqtok] eval results in {out} (MLflow run {tracker.run_id})")
     return 0

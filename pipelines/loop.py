@@ -30,7 +30,8 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from pipelines import checkpoint as ckpt
 from pipelines.config import Config
@@ -135,6 +136,31 @@ def _batches_forever(session: Session, state: ckpt.TrainState, group=None) -> It
             )
 
 
+def warmup_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """EMA of `model`'s weights and buffers whose decay warms up with the update count n:
+    min(decay, (1 + n) / (10 + n)), as TensorFlow's `ExponentialMovingAverage(num_updates=)`,
+    so a short run's EMA never keeps a share of the random initialisation (a plain 0.99 keeps
+    0.99^120 = 30 % of it after 120 steps; warmed up, 0.2 %).
+
+    n is `AveragedModel.n_averaged`, saved with the EMA, so a resumed run goes on where it
+    was. It is kept on the CPU: `update_parameters` tests it on the host at every update, and
+    the decay is computed from it there (a GPU copy would be a sync once a step)."""
+    ema = AveragedModel(model, use_buffers=True)
+
+    @torch.no_grad()
+    def update(ema_params: list, params: list, _n_on_device) -> None:
+        n = float(ema.n_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        if torch.is_floating_point(ema_params[0]):
+            torch._foreach_lerp_(ema_params, params, 1 - d)
+        else:  # integer buffers (counters): copied
+            torch._foreach_copy_(ema_params, params)
+
+    ema.multi_avg_fn = update
+    ema.n_averaged = ema.n_averaged.cpu()
+    return ema
+
+
 def train_loop(cfg: Config, session: Session) -> dict[str, float]:
     """Train for cfg.train.steps optimiser steps; returns the last metrics."""
     device = setup_accelerator(cfg.scaling.use_gpu)
@@ -143,11 +169,7 @@ def train_loop(cfg: Config, session: Session) -> dict[str, float]:
     seed_everything(cfg.train.seed)
     objective = build_objective(cfg, device)
     # the EMA copies the full model before ZeRO-3 partitions it (engines are made after)
-    ema_avg = get_ema_multi_avg_fn(cfg.train.ema_decay)
-    ema = AveragedModel(objective.model, multi_avg_fn=ema_avg, use_buffers=True)
-    # `update_parameters` tests its count (`n_averaged == 0`) on the host at every update: on
-    # the CPU that reads no GPU value (a GPU copy would stall the queue once a step)
-    ema.n_averaged = ema.n_averaged.cpu()
+    ema = warmup_ema(objective.model, cfg.train.ema_decay)
     objective.init_engines()
     state = ckpt.TrainState(seed=cfg.train.seed)
     restore = session.restore_dir()

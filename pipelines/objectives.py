@@ -140,7 +140,13 @@ class Objective:
     def _engines(self) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare(self, x: torch.Tensor, num_frames: torch.Tensor | None) -> torch.Tensor:
+        """The frames a step trains on: the batch cut to its shortest clip's real frames, so
+        no loss term (recon, perceptual, quantizer, GAN) sees zero padding; image models see
+        each frame as an image. Images come in batches of their own (`data.decode_group`):
+        only a clip shorter than T costs the batch's other clips their later frames."""
+        if num_frames is not None and len(num_frames):
+            x = x[:, :, : max(1, int(num_frames.min()))]
         return x if self.video else fold_frames(x)
 
     # -- engine state
@@ -210,7 +216,7 @@ class TokenizerObjective(Objective):
         return engines
 
     def micro_step(self, x, step: int, num_frames=None):
-        x = self.prepare(x)
+        x = self.prepare(x, num_frames)
         gen = self.engines["gen"]
         guard = self.guard("gen", self.model, self.loss_fn, self.disc)
         guard.save()
@@ -253,7 +259,7 @@ class HFSVQObjective(Objective):
         }
 
     def micro_step(self, x, step: int, num_frames=None):
-        x = self.prepare(x)
+        x = self.prepare(x, num_frames)
         phase = "low" if step % 2 == 0 else "high"
         guard = self.guard("model", self.model)
         guard.save()

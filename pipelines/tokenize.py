@@ -203,7 +203,8 @@ def detokenize_sample(loaded: LoadedModel, info: dict, levels: dict) -> torch.Te
     flat = {n: torch.from_numpy(c.astype(np.int64)) for n, c in levels.items()}
     if loaded.video:
         codes = unflatten_codes({n: c[None] for n, c in flat.items()})
-        return loaded.model.detokenize(codes, (info["decode"]["frames"], h, w))[0].float()
+        t = info.get("num_frames") or info["decode"]["frames"]  # real frames (an image: 1)
+        return loaded.model.detokenize(codes, (t, h, w))[0].float()
     codes = unflatten_codes(flat)  # frames are the batch of an image model
     return loaded.model.detokenize(codes, (h, w)).float().transpose(0, 1)
 

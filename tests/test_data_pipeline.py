@@ -116,7 +116,7 @@ def _check_batches(batches, cfg):
         v, n = b["video"], b["num_frames"]
         assert v.dtype.is_floating_point is False and str(v.dtype) == "torch.uint8"
         B, C, T, H, W = v.shape
-        assert C == 3 and T in cfg.frame_counts and (H, W) in cfg.resolutions
+        assert C == 3 and T in (*cfg.frame_counts, 1) and (H, W) in cfg.resolutions
         assert 1 <= B <= cfg.batch_size and n.shape == (B,) and len(b["keys"]) == B
         for i in range(B):  # real frames first, zero padding after
             assert 1 <= int(n[i]) <= T and v[i, :, int(n[i]) :].sum() == 0
@@ -170,6 +170,29 @@ def test_short_clip_is_zero_padded_with_count(bad_shards):
     batches = list(iter_batches(cfg))
     assert all(b["video"].shape[2] == 8 for b in batches)
     assert {int(n) for b in batches for n in b["num_frames"]} == {6}  # 6-frame clips
+
+
+def test_images_come_in_batches_of_one_frame_never_padded(demo):
+    """Issue 25: an image in a T-frame batch was 1 real frame and T - 1 black ones, and the
+    step trained on them. Images now get batches of their own (T = 1); clips keep T."""
+    import tarfile
+
+    kinds = {}
+    for shard in sorted(demo.glob("train-*.tar")):
+        with tarfile.open(shard) as tar:
+            for name in tar.getnames():
+                key, ext = name.split(".", 1)
+                if ext in ("mp4", "png", "jpg", "jpeg", "webp"):
+                    kinds[key] = "video" if ext == "mp4" else "image"
+    assert set(kinds.values()) == {"video", "image"}
+    cfg = _cfg(sorted(demo.glob("train-*.tar")), min_frames=1, frame_counts=(4,))
+    seen = Counter()
+    for b in iter_batches(cfg):
+        t = b["video"].shape[2]
+        for key, n in zip(b["keys"], b["num_frames"].tolist()):
+            seen[kinds[key]] += 1
+            assert (kinds[key], t, n) in {("image", 1, 1), ("video", 4, 4)}, (key, t, n)
+    assert sum(seen.values()) == len(kinds) and seen["image"] == list(kinds.values()).count("image")
 
 
 def test_memory_budget_gives_smaller_batches(demo):

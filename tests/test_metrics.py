@@ -132,8 +132,8 @@ def test_compression_ratio_and_masked_frames():
              code_hist=torch.ones(1, 4), num_tokens=1 * 1 * 4 * 4, bits_per_token=10.0)
     out = m.compute()
     assert out["psnr"] == pytest.approx(100.0) and out["frames"] == 2
-    # 8 bits × 3 channels × 4·16·16 pixels / (16 tokens × 10 bits)
-    assert out["compression_ratio"] == pytest.approx(24 * 1024 / 160)
+    # 8 bits × 3 channels × 2·16·16 real pixels / (16 tokens × 10 bits): padding is not data
+    assert out["compression_ratio"] == pytest.approx(24 * 512 / 160)
     assert out["bits_per_token"] == 10.0 and out["codebook_usage"] == 1.0
 
 
@@ -201,3 +201,44 @@ def test_all_reduce_over_two_ranks(tmp_path):
     ref = whole.compute()
     for rank in range(2):
         same(torch.load(tmp_path / f"rank{rank}.pt"), ref)
+
+
+# --- trivial references beside the model ------------------------------------------------------
+
+
+def test_references_are_scored_on_the_real_frames_beside_the_model():
+    """Each clip's mean colour over its real frames, bicubic down/up at x2..x16 against PIL's
+    bicubic on the same photo, and the bicubic at the model's rate named as the one to beat."""
+    from PIL import Image
+
+    from vqcore import references
+
+    photo = skimage.data.astronaut()[::8, ::8]  # 64 x 64 x 3 uint8
+    x = torch.from_numpy(photo).permute(2, 0, 1).float() / 127.5 - 1  # (3, 64, 64)
+    clip = torch.stack([x, x.flip(-1), torch.zeros_like(x)], dim=1)[None]  # (1, 3, T=3, 64, 64)
+    mask = torch.tensor([[True, True, False]])  # the third frame is padding
+    mean = references.mean_colour(clip, mask)
+    torch.testing.assert_close(mean[0, :, 0, 0, 0], x.mean(dim=(1, 2)))  # padding not averaged
+
+    small = Image.fromarray(photo).resize((16, 16), Image.BICUBIC).resize((64, 64), Image.BICUBIC)
+    pil = torch.from_numpy(np.asarray(small)).permute(2, 0, 1).float() / 127.5 - 1
+    ours = references.bicubic(x[None], 4)[0].clamp(-1, 1)
+    assert abs(psnr(ours[None], x[None]).item() - psnr(pil[None], x[None]).item()) < 0.5
+
+    assert references.rate_factors(36.6) == (8, 4)  # 64x keeps fewer values; 16x more
+    assert references.rate_factors(16.0) == (4, 2) and references.rate_factors(300) == (None, 16)
+
+    m = ReconMetrics(MetricsConfig(fid=False, lpips=None))
+    x_hat = clip + 0.05 * torch.randn_like(clip)
+    m.update(x_hat, clip, frame_mask=mask, num_tokens=16 * 16, bits_per_token=12.0)
+    out = m.compute()
+    assert out["compression_ratio"] == pytest.approx(24 * 2 * 64 * 64 / (256 * 12))  # 64x
+    assert out["reference_rate_factor"] == 8.0 and out["reference_richer_factor"] == 4.0
+    assert out["reference_rate_psnr"] == out["reference_bicubic_x8_psnr"]
+    assert out["reference_mean_colour_psnr"] < out["reference_bicubic_x8_psnr"] < out[
+        "reference_bicubic_x4_psnr"] < out["reference_bicubic_x2_psnr"]  # fmt: skip
+    assert out["beats_rate"] == 1.0  # 26 dB of noise beats a 8 x 8 thumbnail
+    m2 = ReconMetrics(MetricsConfig(fid=False, lpips=None))
+    m2.update(references.mean_colour(clip, mask), clip, frame_mask=mask, num_tokens=64,
+              bits_per_token=12.0)  # fmt: skip
+    assert m2.compute()["beats_rate"] == 0.0

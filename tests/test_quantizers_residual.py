@@ -69,7 +69,9 @@ def test_rvq_lfq_refines_like_a_binary_expansion():
     assert all(a > b for a, b in zip(errors, errors[1:]))
 
 
-def test_rvq_loss_is_the_sum_of_level_losses():
+def test_rvq_loss_is_the_sum_of_level_losses_in_z_units():
+    """Σ_i s_i² · loss_i; without entropy terms that is RQ-VAE's β Σ_i ‖r_{i+1}‖² (mean over
+    elements), the commitment of each level measured on z's scale, not the magnified one."""
     torch.manual_seed(0)
     q = build({"type": "rvq_lfq", "dim": 4, "num_quantizers": 3})
     z = torch.randn(2, 4, 3, 3)
@@ -78,8 +80,15 @@ def test_rvq_loss_is_the_sum_of_level_losses():
     losses = []
     for i, level in enumerate(q.levels):  # lfq's loss is deterministic: recompute per level
         residual = z - sum(parts[:i], torch.zeros_like(z))
-        losses.append(level.quantize(residual / q.level_scales[i]).loss)
+        losses.append(level.quantize(residual / q.level_scales[i]).loss * q.level_scales[i] ** 2)
     torch.testing.assert_close(out.loss, sum(losses))
+
+    plain = build({"type": "rvq_lfq", "dim": 4, "num_quantizers": 3,
+                   "inner": {"type": "lfq", "entropy_weight": 0.0, "beta": 0.25}})  # fmt: skip
+    out = plain(z)
+    parts = _contributions(plain, out.codes)
+    rq_vae = sum(0.25 * (z - sum(parts[: i + 1])).square().mean() for i in range(3))
+    torch.testing.assert_close(out.loss, rq_vae)
 
 
 @pytest.mark.parametrize(

@@ -81,11 +81,14 @@ def test_tokenize_with_two_actors_resumes_and_detokenizes(
 
     # codes: one array per pyramid level with the latent grid's shape (time /2, space /4)
     cfg = inference_data(loaded, files, DATA)
-    x = torch.zeros(1, 3, 4, 32, 32)
-    levels = [tuple(c.shape[1:]) for c in loaded.model.tokenize(x)]
+    # (an image is one frame in a batch of its own: one latent frame)
+    shapes = {t: [tuple(c.shape[1:]) for c in loaded.model.tokenize(torch.zeros(1, 3, t, 32, 32))]
+              for t in (1, 4)}  # fmt: skip
     samples = [s for tar in sorted(out.glob("*.tar")) for s in iter_token_samples(tar)]
     assert len(samples) == manifest["totals"]["samples"]
+    assert {info["num_frames"] for info, _ in samples} == {1, 4}
     for info, codes in samples:
+        levels = shapes[1 if info["num_frames"] == 1 else 4]
         assert [tuple(codes[f"l{i}"].shape) for i in range(3)] == levels
         assert all(c.dtype == np.int32 for c in codes.values())
         assert info["model"]["weights_hash"] == loaded.identity["weights_hash"]

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from vqcore import references
 from vqcore.losses import Perceptual, PerceptualConfig, check_pair, frames, warn_once
 from vqcore.ops.dist import is_distributed
 
@@ -142,6 +143,7 @@ class MetricsConfig:
     fid: bool = True  # computed only where Inception weights are found
     fid_weights_path: str | None = None
     breakdown: bool = True  # also per resolution ("256x256") and frame count ("t16")
+    references: bool = True  # score the mean colour and bicubic resampling on the same frames
     chunk: int = 16  # frames per LPIPS / SSIM / Inception call (bounds memory)
 
 
@@ -289,16 +291,62 @@ class ReconMetrics:
         for g in groups:
             for k, v in sums.items():
                 self._add(f"{g}/{k}", v)
+        if c.references and n:
+            self._add_references(x, keep, fb)
         if code_hist is not None:
             self._add("codes", code_hist.double())
         if num_tokens is not None and bits_per_token is not None:
             self._add("tokens", num_tokens)
             self._add("token_bits", num_tokens * float(bits_per_token))
-            self._add("pixels", x.numel() // x.shape[1])  # pixels fed to the encoder
+            self._add("pixels", n * x.shape[-1] * x.shape[-2])  # real pixels, not padding
         if self.fid is not None and n:
             for a, b in zip(fa.split(c.chunk), fb.split(c.chunk)):
                 self.fid.update(self._to_uint8(b), real=True)
                 self.fid.update(self._to_uint8(a), real=False)
+
+    def _add_references(self, x: torch.Tensor, keep: torch.Tensor, fb: torch.Tensor) -> None:
+        """PSNR/SSIM sums of the trivial references (`vqcore.references`) on the scored frames."""
+        c = self.config
+        if x.dim() == 5:
+            mask = keep.reshape(x.shape[0], x.shape[2])
+            means = frames(references.mean_colour(x.float(), mask))[keep]
+        else:
+            means = references.mean_colour(x.float().unsqueeze(2)).squeeze(2)
+        refs = {"mean_colour": means}
+        for f in references.usable_factors(*fb.shape[-2:]):
+            refs[f"bicubic_x{f}"] = references.bicubic(fb, f)
+        lo, span = c.data_min, c.data_range
+        for name, r in refs.items():
+            r = r.clamp(lo, lo + span)
+            self._add(f"ref.{name}.psnr", psnr(r, fb, span, c.psnr_cap_db).double().sum())
+            self._add(f"ref.{name}.frames", fb.shape[0])
+            if c.ssim and min(fb.shape[-2:]) >= SSIM_MIN_SIZE:
+                s = torch.cat([ssim(a, b, lo, span, c.ssim_crop)
+                               for a, b in zip(r.split(c.chunk), fb.split(c.chunk))])
+                self._add(f"ref.{name}.ssim", s.double().sum())
+
+    def _references(self, out: dict) -> None:
+        """`reference_<name>_{psnr,ssim}` (every reference), and for a known compression
+        ratio r the bicubic that keeps no more values (`rate_*`, ratio f² >= r: the one
+        to beat) and the next richer one (`richer_*`), with `beats_rate` (1 or 0)."""
+        s = self._state
+        names = sorted({k.split(".")[1] for k in s if k.startswith("ref.")})
+        for name in names:
+            frames_n = s[f"ref.{name}.frames"]
+            for metric in ("psnr", "ssim"):
+                total = s.get(f"ref.{name}.{metric}")
+                if total is not None:
+                    out[f"reference_{name}_{metric}"] = (total / frames_n).item()
+        ratio = out.get("compression_ratio")
+        if ratio is None:
+            return
+        at, richer = references.rate_factors(ratio)
+        for label, f in (("rate", at), ("richer", richer)):
+            if f is not None and f"reference_bicubic_x{f}_psnr" in out:
+                out[f"reference_{label}_factor"] = float(f)
+                out[f"reference_{label}_psnr"] = out[f"reference_bicubic_x{f}_psnr"]
+        if "reference_rate_psnr" in out and out.get("psnr") is not None:
+            out["beats_rate"] = float(out["psnr"] >= out["reference_rate_psnr"])
 
     def _to_uint8(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -331,4 +379,5 @@ class ReconMetrics:
         if s.get("tokens") is not None and s["tokens"] > 0:
             out["bits_per_token"] = (s["token_bits"] / s["tokens"]).item()
             out["compression_ratio"] = (24 * s["pixels"] / s["token_bits"]).item()
+        self._references(out)
         return out

@@ -10,6 +10,11 @@ global FFT branch where VQGAN has its mid attention (see `pvqvae.py`).
 separate: `stage_strides(spatial, temporal, dims)` gives the stride of every down-sampling
 stage, e.g. space ×4, time ×2 → [(1, 2, 2), (2, 2, 2)] (time is reduced in the last stages).
 
+`shortcuts` (DC-AE, Chen et al., arXiv:2410.10733, sec. 3.2 "residual autoencoding"): every
+down-/up-sampling stage and the latent heads add a parameter-free path (average pooling,
+nearest up-sampling, channel-group mean/repeat), so at initialisation the latent is close to
+a linear, pooled view of the input and the network learns residuals on top of it.
+
 Encoder and Decoder are split in two so a caller can tile the part that runs at high
 resolution (`trunk`) and run the part at latent resolution (`head`) on the whole map:
     Encoder: trunk = conv_in + levels (+ down-sampling);  head = mid ResBlock, norm, conv_out
@@ -114,26 +119,53 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-`stride` 3×3(×3) conv; halves each axis with stride 2 (even sizes)."""
+    """Stride-`stride` 3×3(×3) conv; halves each axis with stride 2 (even sizes).
 
-    def __init__(self, dims: int, channels: int, stride: Stride):
+    `shortcut`: plus the average over each stride window, DC-AE's parameter-free
+    space-to-channel shortcut (Chen et al., arXiv:2410.10733, sec. 3.2, eq. 2: pixel-unshuffle
+    then the mean of channel groups, which at equal width is this average pooling)."""
+
+    def __init__(self, dims: int, channels: int, stride: Stride, shortcut: bool = False):
         super().__init__()
         self.conv = conv(dims, channels, channels, stride=stride)
+        self.stride = tuple(stride)
+        self.shortcut = shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        h = self.conv(x)
+        if self.shortcut:
+            pool = F.avg_pool3d if x.dim() == 5 else F.avg_pool2d
+            h = h + pool(x, self.stride, self.stride)
+        return h
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour up-sampling by `stride` per axis, then a 3×3(×3) conv."""
+    """Nearest-neighbour up-sampling by `stride` per axis, then a 3×3(×3) conv.
 
-    def __init__(self, dims: int, channels: int, stride: Stride):
+    `shortcut`: plus the up-sampled input itself (DC-AE's channel-to-space shortcut,
+    arXiv:2410.10733 sec. 3.2: channel duplication then pixel-shuffle, at equal width the
+    nearest-neighbour up-sampling)."""
+
+    def __init__(self, dims: int, channels: int, stride: Stride, shortcut: bool = False):
         super().__init__()
         self.stride = tuple(float(s) for s in stride)
         self.conv = conv(dims, channels, channels)
+        self.shortcut = shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=self.stride, mode="nearest"))
+        up = F.interpolate(x, scale_factor=self.stride, mode="nearest")
+        return self.conv(up) + up if self.shortcut else self.conv(up)
+
+
+def channel_mean(x: torch.Tensor, out_channels: int) -> torch.Tensor:
+    """Mean of consecutive channel groups, C -> `out_channels` (C a multiple of it)."""
+    b, c = x.shape[:2]
+    return x.reshape(b, out_channels, c // out_channels, *x.shape[2:]).mean(2)
+
+
+def channel_repeat(x: torch.Tensor, out_channels: int) -> torch.Tensor:
+    """Each channel repeated, C -> `out_channels` (a multiple of C); inverse of the mean."""
+    return x.repeat_interleave(out_channels // x.shape[1], dim=1)
 
 
 def _widths(channels: int, channel_mult: Sequence[int], n_stages: int) -> list[int]:
@@ -164,6 +196,7 @@ class Encoder(nn.Module):
         norm: str = "group",
         norm_groups: int = 32,
         dropout: float = 0.0,
+        shortcuts: bool = False,
     ):
         super().__init__()
         widths = _widths(channels, channel_mult, len(strides))
@@ -180,12 +213,15 @@ class Encoder(nn.Module):
                 ]
             )
             cin = width
-            level.down = Downsample(dims, width, strides[i]) if i < len(strides) else None
+            level.down = (Downsample(dims, width, strides[i], shortcuts)
+                          if i < len(strides) else None)  # fmt: skip
             self.levels.append(level)
         self.trunk_channels = cin
         self.mid = ResBlock(dims, cin, cin, **block)
         self.norm_out = norm_layer(norm, cin, norm_groups)
         self.conv_out = conv(dims, cin, out_channels)
+        # DC-AE's shortcut to the latent: the trunk's channels averaged in groups
+        self.head_shortcut = shortcuts and cin % out_channels == 0
 
     def trunk(
         self, x: torch.Tensor, inject: Callable[[int, torch.Tensor], torch.Tensor] | None = None
@@ -202,7 +238,8 @@ class Encoder(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        z = self.conv_out(F.silu(self.norm_out(h)))
+        return z + channel_mean(h, z.shape[1]) if self.head_shortcut else z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.trunk(x))
@@ -223,12 +260,14 @@ class Decoder(nn.Module):
         norm: str = "group",
         norm_groups: int = 32,
         dropout: float = 0.0,
+        shortcuts: bool = False,
     ):
         super().__init__()
         widths = _widths(channels, channel_mult, len(strides))[::-1]
         block = dict(norm=norm, groups=norm_groups, dropout=dropout)
         n_up = len(strides)
         self.conv_in = conv(dims, in_channels, widths[0])
+        self.head_shortcut = shortcuts and widths[0] % in_channels == 0  # latent repeated
         self.mid = ResBlock(dims, widths[0], widths[0], **block)
         self.levels = nn.ModuleList()
         cin = widths[0]
@@ -242,13 +281,17 @@ class Decoder(nn.Module):
             )
             cin = width
             stage = len(widths) - 1 - i  # undo encoder stage `stage - 1`
-            level.up = Upsample(dims, width, strides[stage - 1]) if 0 < stage <= n_up else None
+            level.up = (Upsample(dims, width, strides[stage - 1], shortcuts)
+                        if 0 < stage <= n_up else None)  # fmt: skip
             self.levels.append(level)
         self.norm_out = norm_layer(norm, cin, norm_groups)
         self.conv_out = conv(dims, cin, out_channels)
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
-        return self.mid(self.conv_in(z))
+        h = self.conv_in(z)
+        if self.head_shortcut:
+            h = h + channel_repeat(z, h.shape[1])
+        return self.mid(h)
 
     def trunk(self, h: torch.Tensor) -> torch.Tensor:
         for level in self.levels:

@@ -53,6 +53,7 @@ class ImageTokenizerConfig:
     norm: str = "group"  # "group" (VQGAN) | "channel" (per-position LayerNorm)
     norm_groups: int = 32
     dropout: float = 0.0
+    shortcuts: bool = False  # DC-AE's parameter-free residual shortcuts (blocks.py)
     # registry spec without `dim` (filled with latent_dim), e.g. {"type": "looc"}
     quantizer: dict[str, Any] = field(default_factory=lambda: {"type": "vq", "codebook_size": 1024})
 
@@ -101,6 +102,7 @@ class ImageTokenizer(nn.Module):
             strides=strides,
             norm=c.norm,
             norm_groups=c.norm_groups,
+            shortcuts=c.shortcuts,
             dropout=c.dropout,
         )
         self.encoder = Encoder(2, c.in_channels, c.latent_dim, **net)

@@ -20,7 +20,8 @@ open, this file chooses:
 
 Shapes: x_bcthw clips in [-1, 1] (an image x_bchw is a T = 1 clip; outputs keep its rank);
 z_bcthw latents (T', H', W') = ceil((T, H, W) / (temporal, spatial, spatial)); inputs are
-zero-padded at the end of each axis to those multiples and outputs cropped back.
+padded at the end of each axis to those multiples (time: the last frame repeated, so an
+image is a still clip of one latent frame; space: zeros) and outputs cropped back.
 Tiling (`tile_size` > 0, in pixels): the encoder and decoder trunks run on overlapping
 windows blended with linear ramps (`tiling.py`); the quantizer, the FFT branch and the
 encoder/decoder heads run on the whole latent map.
@@ -67,6 +68,7 @@ class PVQVAEConfig:
     norm: str = "channel"
     norm_groups: int = 32
     dropout: float = 0.0
+    shortcuts: bool = False  # DC-AE's parameter-free residual shortcuts (blocks.py)
     use_fft: bool = True  # FFT branch (global structure)
     use_dwt: bool = True  # wavelet branch (local detail)
     wavelet: str = "haar"  # any pywt wavelet name
@@ -191,6 +193,7 @@ class PVQVAE(nn.Module):
             strides=strides,
             norm=c.norm,
             norm_groups=c.norm_groups,
+            shortcuts=c.shortcuts,
             dropout=c.dropout,
         )
         self.encoder = Encoder(3, c.in_channels, c.latent_dim, **net)
@@ -231,7 +234,11 @@ class PVQVAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Clip or image -> continuous latents z_bcthw (before quantization)."""
-        x = pad_to_multiple(self.check_input(x), self.factors)
+        x = self.check_input(x)
+        pad_t = -x.shape[2] % self.factors[0]  # repeat the last frame: an image is a still clip
+        if pad_t:
+            x = torch.cat([x, x[:, :, -1:].expand(-1, -1, pad_t, -1, -1)], dim=2)
+        x = pad_to_multiple(x, self.factors)
         c, f = self.config, self.config.spatial_factor
         if self._tiling(*x.shape[-2:]):
             h = tiled(self._trunk, x, c.tile_size, c.tile_overlap, Fraction(1, f), align=f)
