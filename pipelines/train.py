@@ -375,9 +375,13 @@ def make_trainer(cfg: Config, callbacks: list | None = None):
 
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+    loop_config = cfg.to_dict()
+    # resolved here: a worker's working directory is its Ray session's, where a relative
+    # storage would put the MLflow store, metrics and model of a run (not its checkpoints)
+    loop_config["run"]["storage"] = str(cfg.run.run_dir.parent)
     return TorchTrainer(
         train_worker,
-        train_loop_config=cfg.to_dict(),
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
         ),

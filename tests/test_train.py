@@ -4,6 +4,7 @@ gloo), real decoded demo shards, a real MLflow store."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,6 +14,7 @@ from pipelines.config import ConfigError, load_config
 from pipelines.train import fit
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+_JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
 
 def _config(shards, tmp_path, name, *extra):
@@ -193,3 +195,15 @@ def test_reusing_a_name_with_resume_never_is_an_error(shards, tmp_path):
     with pytest.raises(ConfigError, match="run.name"):
         fit(again, local=True)
     assert yaml.safe_load((cfg.run.run_dir / "config.yaml").read_text())["run"]["name"] == "once"
+
+
+def test_workers_get_the_run_folder_resolved_on_the_driver(tmp_path, monkeypatch):
+    """A relative `run.storage` (the demo's `runs`) must mean the driver's folder: resolved in
+    a worker it put the MLflow store, metrics and model under the Ray session's directory."""
+    from pipelines.train import make_trainer
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(_JOBS / "debug.yaml", ["run.storage=runs", "run.name=rel"])
+    trainer = make_trainer(cfg)
+    assert trainer.train_loop_config["run"]["storage"] == str(tmp_path / "runs")
+    assert load_config(_JOBS / "debug.yaml", ["run.storage=runs"]).run.storage == "runs"

@@ -63,12 +63,14 @@ class PVQVAEConfig:
     latent_dim: int = 16  # d (seed 004 sec. 2.1)
     spatial_factor: int = 32  # H/32, W/32
     temporal_factor: int = 16  # T/16
-    # "channel" (per-position LayerNorm: local, so tiled = untiled away from tile borders)
-    # | "group" (VQGAN; its statistics are per tile when tiled)
-    norm: str = "channel"
+    # "group" (VQGAN; its statistics are per tile when tiled) | "channel" (per-position
+    # LayerNorm: local, so tiled = untiled away from tile borders, but with PVQ it stalled
+    # for 600 of 800 CPU steps where group learned from the start: BENCHMARKS.md "Learning")
+    norm: str = "group"
     norm_groups: int = 32
     dropout: float = 0.0
-    shortcuts: bool = False  # DC-AE's parameter-free residual shortcuts (blocks.py)
+    # DC-AE's parameter-free residual shortcuts (blocks.py); BENCHMARKS.md "Learning"
+    shortcuts: bool = True
     use_fft: bool = True  # FFT branch (global structure)
     use_dwt: bool = True  # wavelet branch (local detail)
     wavelet: str = "haar"  # any pywt wavelet name
