@@ -23,6 +23,7 @@ halves step on the same batch, F_L first. The curve scores the trainer's warmed-
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,18 +32,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.common import device_name, emit, git_rev
-from pipelines.data import DataConfig, iter_batches
-from pipelines.evaluate import EvalAccumulator
-from pipelines.inputs import fold_frames, to_model_input
-from pipelines.loop import warmup_ema
-from pipelines.parallel import lr_lambda
-from vqcore.metrics import MetricsConfig
-from vqcore.models import build_model
-from vqcore.models.blocks import Decoder, Encoder, stage_strides
-from vqcore.quantizers import Quantized
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import device_name, emit, git_rev  # noqa: E402
+from pipelines.data import DataConfig, iter_batches  # noqa: E402
+from pipelines.evaluate import EvalAccumulator  # noqa: E402
+from pipelines.inputs import fold_frames, to_model_input  # noqa: E402
+from pipelines.loop import warmup_ema  # noqa: E402
+from pipelines.parallel import lr_lambda  # noqa: E402
+from vqcore.metrics import MetricsConfig  # noqa: E402
+from vqcore.models import build_model  # noqa: E402
+from vqcore.models.blocks import Decoder, Encoder, stage_strides  # noqa: E402
+from vqcore.quantizers import Quantized  # noqa: E402
 
-PVQ = {"type": "pyramid", "inner": {"type": "lfq"}, "scales": [4, 2, 1]}
+# the demo's PVQ (jobs/demo.yaml): LFQ's entropy weight 0.02 for batches of a few clips
+PVQ = {"type": "pyramid", "inner": {"type": "lfq", "entropy_weight": 0.02}, "scales": [4, 2, 1]}
 # 8·8·8·5·5·5 = 64,000 codes: 15.97 bits a position, within 25 % of PVQ's 16·(1 + 1/4 + 1/16)
 FSQ_NEAR_PVQ = {"type": "fsq", "levels": [8, 8, 8, 5, 5, 5]}
 

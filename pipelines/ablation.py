@@ -56,6 +56,7 @@ import yaml
 
 from pipelines.ablation_report import (
     DEFAULT_COLUMNS,
+    RATE_COLUMNS,
     aggregate,
     check_orderings,
     device_description,
@@ -340,12 +341,17 @@ def _last_metrics(run_dir: Path) -> dict[str, float]:
     return out
 
 
+def with_rate_columns(columns) -> list[str]:
+    """A study's columns, then the rate and the bicubic at it (`RATE_COLUMNS`)."""
+    return list(columns) + [k for k in RATE_COLUMNS if k not in columns]
+
+
 def _result(study: Study, runs: list[dict], data_sizes: dict | None, command: str | None) -> dict:
     summary = aggregate(runs)
     return {
         "study": study.name, "title": study.spec.get("title", study.name),
         "scale": study.scale, "seeds": study.seeds, "variants": list(study.configs),
-        "columns": list(study.spec.get("columns") or DEFAULT_COLUMNS),
+        "columns": with_rate_columns(study.spec.get("columns") or DEFAULT_COLUMNS),
         "reference": study.spec.get("reference"), "runs": runs, "summary": summary,
         "orderings": check_orderings(summary, study.spec.get("orderings") or []),
         "data": data_sizes, "device": device_description(next(iter(study.configs.values()))),

@@ -47,7 +47,13 @@ METRICS: dict[str, tuple[str, str]] = {
     "eval/encode_ms": ("encode ms/img", "{:.2f}"),
     "eval/quantize_ms": ("quantize ms/img", "{:.3f}"),
     "train/total": ("final loss", "{:.4f}"),
+    # the rate and what resampling does at it, on the same frames (vqcore/references.py)
+    "eval/compression_ratio": ("ratio ×", "{:.1f}"),
+    "eval/reference_rate_psnr": ("bicubic at rate dB", "{:.2f}"),
+    "eval/beats_rate": ("beats bicubic", "{:.2f}"),
 }
+# shown on every study's table, after its own columns
+RATE_COLUMNS = ("eval/compression_ratio", "eval/reference_rate_psnr", "eval/beats_rate")
 DEFAULT_COLUMNS = ("eval/psnr", "eval/ssim", "eval/lpips", "eval/quantizer_usage",
                    "eval/bits_per_token")  # fmt: skip
 
