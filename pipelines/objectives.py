@@ -3,9 +3,9 @@
 - `TokenizerObjective` (image tokenizers, PVQ-VAE): generator engine (model + any trainable
   loss parts) on recon + quantizer + perceptual + GAN (+ teacher); a discriminator engine
   when the GAN term is on (`loss.gan_weight > 0`), stepped from `loss.disc_start`.
-- `HFSVQObjective`: the alternating schedule of HFSVQ (seed 000, Algorithm 1): even steps
-  update F_L on its VQ-VAE loss, odd steps update F_H on the residual with F_L frozen; one
-  engine per half so Adam's moments of the frozen half never move it.
+- `HFSVQObjective`: the schedule of HFSVQ (seed 000, Algorithm 1): every step updates F_L on
+  its VQ-VAE loss, then F_H on the residual of the updated F_L, frozen, on the same batch;
+  one engine per half so Adam's moments of the frozen half never move it.
 
 An objective owns its engines: `micro_step`, `save`/`load` of their state, `lr`.
 
@@ -118,7 +118,8 @@ class Objective:
             checkpoint_res_blocks(self.model)
         self.micro = 0
         self.tokens = 0  # latent positions quantized on this rank
-        self.nonfinite_disc = 0  # discriminator steps skipped for a non-finite loss
+        # second halves skipped for a non-finite loss (the discriminator's step; HFSVQ's F_H)
+        self.nonfinite_disc = 0
         self._guards: dict[str, StateGuard] = {}
 
     def guard(self, name: str, *modules: nn.Module | None) -> StateGuard:
@@ -259,23 +260,32 @@ class HFSVQObjective(Objective):
         }
 
     def micro_step(self, x, step: int, num_frames=None):
+        """Seed 000, Algorithm 1: each iteration updates F_L on the batch, then F_H on the
+        residual of the updated, frozen F_L, on the same batch. A non-finite F_L loss skips
+        the whole step; a non-finite F_H loss skips F_H's half only (F_L's update stands, as a
+        generator step stands when the discriminator's is skipped)."""
         x = self.prepare(x, num_frames)
-        phase = "low" if step % 2 == 0 else "high"
-        guard = self.guard("model", self.model)
-        guard.save()
-        self.latents.reset()
-        with autocast(self.cfg, self.device):
-            out = getattr(self.model, f"{phase}_loss")(x)
-        loss = out.loss.float()
-        self.count_tokens(out.quantized.z_q)
-        if not _all_finite(loss, self.latents.ok):
-            guard.restore()
-            return None, False
-        engine = self.engines[phase]
-        engine.backward(loss)
-        engine.step()
-        terms = {k: v.float() for k, v in out.metrics.items()}
-        terms[f"{phase}/total"] = loss.detach()
+        terms: dict[str, torch.Tensor] = {}
+        for phase in ("low", "high"):
+            half = getattr(self.model, phase)
+            guard = self.guard(phase, half)
+            guard.save()
+            self.latents.reset()
+            with autocast(self.cfg, self.device):
+                out = getattr(self.model, f"{phase}_loss")(x)
+            loss = out.loss.float()
+            if not _all_finite(loss, self.latents.ok):
+                guard.restore()
+                if phase == "low":
+                    return None, False
+                self.nonfinite_disc += 1
+                break
+            self.count_tokens(out.quantized.z_q)
+            engine = self.engines[phase]
+            engine.backward(loss)
+            engine.step()
+            terms.update({k: v.float() for k, v in out.metrics.items()})
+            terms[f"{phase}/total"] = loss.detach()
         return terms, self.boundary()
 
 

@@ -95,7 +95,7 @@ def test_looc_image_tokenizer_trains(shards, tmp_path, ray_local):
 
 
 def test_hfsvq_alternates_locally(shards, tmp_path):
-    """`--local`: the same loop without Ray; HFSVQ steps F_L and F_H on alternate steps."""
+    """`--local`: the same loop without Ray; HFSVQ steps F_L, then F_H, on every batch."""
     cfg = _config(
         shards, tmp_path, "hfsvq",
         "model={type: hfsvq, flavour: debug}", "data.frame_counts=[1]", "train.steps=6",
