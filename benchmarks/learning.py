@@ -84,7 +84,7 @@ class ConvAE(nn.Module):
         t = x_bcthw.shape[2]
         y = self.decoder(self.encoder(fold_frames(x_bcthw)))
         y = y.reshape(-1, t, *y.shape[1:]).transpose(1, 2)
-        return y, Quantized(y, torch.zeros(0, dtype=torch.long), y.new_zeros(()), {})
+        return y, Unquantized()(y)
 
 
 def build(spec: dict[str, Any]) -> nn.Module:

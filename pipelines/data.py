@@ -158,10 +158,8 @@ def decode_group(
     """A group of raw samples -> batches of one drawn (resolution, frames), yielded as each
     fills (`spec.batch_size` from the memory rule), so at most one batch is held at a time.
 
-    Images never share a batch with clips of several frames: they go to batches of T = 1 at
-    the drawn resolution (after the group's clips), so no image is zero-padded in time and
-    no training step spends its loss on black frames (issue 25: 15/16 of an image's loss
-    was padding at 16 frames). Clips shorter than T are still padded; `num_frames` says so.
+    Images go to batches of their own, T = 1 at the drawn resolution (after the clips), so
+    no image is padded in time (issue 25); a clip shorter than T is (`num_frames` says so).
 
     Bad samples are skipped and counted: each batch's `skipped` holds the skips since the
     previous one (a last batch with B = 0 carries trailing skips). `errors`, if given,
@@ -179,20 +177,13 @@ def decode_group(
                  (still, [w for w in work if is_image(w[1])])]  # fmt: skip
     else:
         parts = [(spec, work)]
-    pending: Counter = Counter()  # skips not yet handed on with a batch
-    emitted = False
+    pending, emitted = Counter(), False  # skips not yet handed on with a batch
     for part_spec, part in parts:
-        for b in _fill(part, part_spec, cfg, errors, pending):
+        for batch in _fill(part, part_spec, cfg, errors, pending):
             emitted = True
-            yield b
+            yield batch
     if pending or not emitted:
-        t = spec.num_frames
-        yield {
-            "video": np.zeros((0, t, spec.height, spec.width, 3), np.uint8),
-            "num_frames": np.zeros(0, np.int32),
-            "keys": [],
-            "skipped": pending,
-        }
+        yield _empty_batch(spec.num_frames, spec.height, spec.width, pending)
 
 
 def _fill(work: list, spec: smp.BatchSpec, cfg: DataConfig, errors: list | None,
@@ -285,13 +276,14 @@ def _blocks(rows: Iterator[dict], n: int) -> Iterator[list[dict]]:
 
 
 def _skip_only(cfg: DataConfig, skipped: Counter) -> dict:
-    t, (h, w) = cfg.frame_counts[0], cfg.resolutions[0]
-    return {
-        "video": np.zeros((0, t, h, w, 3), np.uint8),
-        "num_frames": np.zeros(0, np.int32),
-        "keys": [],
-        "skipped": skipped,
-    }
+    (h, w) = cfg.resolutions[0]
+    return _empty_batch(cfg.frame_counts[0], h, w, skipped)
+
+
+def _empty_batch(t: int, h: int, w: int, skipped: Counter) -> dict:
+    """A batch of no samples that hands on skip counts."""
+    return {"video": np.zeros((0, t, h, w, 3), np.uint8), "num_frames": np.zeros(0, np.int32),
+            "keys": [], "skipped": skipped}  # fmt: skip
 
 
 def readable_shards(cfg: DataConfig, check: ShardCheck | None = None) -> ShardCheck:

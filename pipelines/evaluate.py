@@ -23,6 +23,7 @@ from pipelines.inputs import fold_frames, frame_mask, to_model_input, unfold_fra
 from vqcore.metrics import MetricsConfig, ReconMetrics
 from vqcore.quantizers import Quantizer
 from vqcore.quantizers.base import CodeUsage
+from vqcore.references import BICUBIC_FACTORS
 
 
 def top_level_quantizers(model: nn.Module) -> list[Quantizer]:
@@ -181,7 +182,7 @@ def reference_table(metrics: dict, prefix: str = "eval/") -> str:
     rows = [(model, get("psnr"), get("ssim")),
             ("mean colour of each clip", get("reference_mean_colour_psnr"),
              get("reference_mean_colour_ssim"))]  # fmt: skip
-    for f in (2, 4, 8, 16):
+    for f in BICUBIC_FACTORS:
         if get(f"reference_bicubic_x{f}_psnr") is not None:
             mark = "  <- at the model's rate" if rate == f else ""
             rows.append((f"bicubic x{f} ({f * f}x){mark}", get(f"reference_bicubic_x{f}_psnr"),

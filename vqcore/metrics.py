@@ -281,9 +281,7 @@ class ReconMetrics:
             sums["psnr"] = p.double().sum().item()
             sums["mse"] = (fa.float() - fb.float()).square().mean(dim=(1, 2, 3)).double().sum().item()
             if c.ssim and min(fa.shape[-2:]) >= SSIM_MIN_SIZE:
-                s = torch.cat([ssim(a, b, c.data_min, c.data_range, c.ssim_crop)
-                               for a, b in zip(fa.split(c.chunk), fb.split(c.chunk))])
-                sums["ssim"], sums["ssim_frames"] = s.double().sum().item(), n
+                sums["ssim"], sums["ssim_frames"] = self._ssim_sum(fa, fb).item(), n
             if self.perceptual is not None:  # LPIPS takes [-1, 1]
                 to_pm1 = lambda v: (v.float() - c.data_min) / c.data_range * 2 - 1  # noqa: E731
                 lp = self.perceptual.per_frame(to_pm1(fa), to_pm1(fb), chunk=c.chunk)
@@ -321,9 +319,13 @@ class ReconMetrics:
             self._add(f"ref.{name}.psnr", psnr(r, fb, span, c.psnr_cap_db).double().sum())
             self._add(f"ref.{name}.frames", fb.shape[0])
             if c.ssim and min(fb.shape[-2:]) >= SSIM_MIN_SIZE:
-                s = torch.cat([ssim(a, b, lo, span, c.ssim_crop)
-                               for a, b in zip(r.split(c.chunk), fb.split(c.chunk))])
-                self._add(f"ref.{name}.ssim", s.double().sum())
+                self._add(f"ref.{name}.ssim", self._ssim_sum(r, fb))
+
+    def _ssim_sum(self, fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
+        """Σ SSIM over frames (N, C, H, W), `chunk` frames per call (bounds memory)."""
+        c = self.config
+        return torch.cat([ssim(a, b, c.data_min, c.data_range, c.ssim_crop)
+                          for a, b in zip(fa.split(c.chunk), fb.split(c.chunk))]).double().sum()
 
     def _references(self, out: dict) -> None:
         """`reference_<name>_{psnr,ssim}` (every reference), and for a known compression
