@@ -68,6 +68,9 @@ def quantizer_label(spec: dict) -> str:
             parts.append(f"{short}={spec[key]}")
     if spec.get("cvq") and kind != "looc":  # LooC re-anchors by default
         parts.append("+CVQ")
+    for key in ("grouping", "distance"):  # non-default matching and grouping
+        if key in spec:
+            parts.append(str(spec[key]))
     if isinstance(spec.get("inner"), dict):
         parts[0] = f"{kind}({quantizer_label(spec['inner'])})"
     levels = spec.get("num_quantizers") or spec.get("num_layers") or len(spec.get("scales", ()))

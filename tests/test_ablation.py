@@ -210,4 +210,6 @@ def test_quantizer_labels():
                             "inner": {"type": "vq", "codebook_size": 8000}}) == "rvq(vq K=8000) ×3"  # fmt: skip
     assert quantizer_label({"type": "looc", "codebook_size": 64, "codebook_dim": 4,
                             "alpha": 2}) == "looc K=64 d=4 α=2"  # fmt: skip
+    assert quantizer_label({"type": "looc", "codebook_size": 64, "codebook_dim": 4, "alpha": 2,
+                            "grouping": "patch"}) == "looc K=64 d=4 α=2 patch"  # fmt: skip
     assert quantizer_label({"type": "hrvq", "codebook_size": 16, "num_layers": 3}) == "hrvq K=16 ×3"

@@ -57,7 +57,8 @@ def test_pq_rejects_subspaces_that_do_not_divide_dim():
 
 def test_looc_shares_one_codebook_across_subvectors():
     q = build(
-        {"type": "looc", "dim": 4, "codebook_dim": 2, "codebook_size": 2, "alpha": 1, "cvq": False}
+        {"type": "looc", "dim": 4, "codebook_dim": 2, "codebook_size": 2, "alpha": 1, "cvq": False,
+         "distance": "l2"}  # fmt: skip
     ).eval()
     params = list(q.parameters())
     assert len(params) == 1 and params[0].shape == (1, 2, 2)  # ONE K×d tensor
@@ -74,7 +75,8 @@ def test_looc_alpha1_is_plain_vq_over_subvectors():
     torch.manual_seed(0)
     b, c, d, k, h, w = 2, 8, 2, 16, 3, 5
     looc = build(
-        {"type": "looc", "dim": c, "codebook_dim": d, "codebook_size": k, "alpha": 1, "cvq": False}
+        {"type": "looc", "dim": c, "codebook_dim": d, "codebook_size": k, "alpha": 1, "cvq": False,
+         "distance": "l2"}  # fmt: skip
     ).eval()
     vq = build({"type": "vq", "dim": d, "codebook_size": k}).eval()
     _set(looc.codebook.weight, torch.randn(k, d))
@@ -114,7 +116,8 @@ def test_looc_alpha2_codes_at_upsampled_grid_and_decode_matches(shape, time, up)
 def test_looc_alpha2_is_upsample_quantize_pool():
     """z_q = avgpool_α(Q(bilinear_α(z))), Q the per-sub-vector nearest code."""
     torch.manual_seed(0)
-    q = build({"type": "looc", "dim": 4, "codebook_dim": 2, "codebook_size": 8, "cvq": False})
+    q = build({"type": "looc", "dim": 4, "codebook_dim": 2, "codebook_size": 8, "cvq": False,
+               "distance": "l2"})  # fmt: skip
     q.eval()
     _set(q.codebook.weight, torch.randn(8, 2))
     z = torch.randn(1, 4, 3, 2)
@@ -141,12 +144,82 @@ def test_looc_config_defaults_and_validation():
     q = build({"type": "looc", "dim": 8})
     cfg = q.config
     assert (cfg.codebook_dim, cfg.codebook_size, cfg.alpha, cfg.cvq) == (4, 64, 2, True)
+    assert (cfg.distance, cfg.grouping) == ("cosine", "channels")  # supplementary 1.2
     assert q.bits_per_token == pytest.approx(4 * 2 * 6)  # α² · m · log2 K
     assert build({"type": "looc", "dim": 6}).config.codebook_dim == 2
     with pytest.raises(ValueError, match="looc: codebook_dim"):
         build({"type": "looc", "dim": 8, "codebook_dim": 3})
     with pytest.raises(ValueError, match="looc: alpha"):
         build({"type": "looc", "dim": 8, "alpha": 1.5})
+    with pytest.raises(ValueError, match="looc: grouping"):
+        build({"type": "looc", "dim": 8, "grouping": "rows"})
+    with pytest.raises(ValueError, match="interpolate_time needs grouping 'channels'"):
+        build({"type": "looc", "dim": 8, "grouping": "patch", "interpolate_time": True})
+    # patch: d divides C·α²; one channel, d = 4: one code (its 2×2 patch) a position
+    assert build({"type": "looc", "dim": 1, "codebook_dim": 4, "grouping": "patch"}).bits_per_token == 6
+
+
+def test_looc_cosine_matching_outputs_the_raw_code():
+    """Supplementary 1.2 matches by cosine; the authors' code outputs the raw code
+    (Visual-AI/LooC quantise.py). Hand-worked: token (1, 0); codes (10, 0.5) and (0.9, 0.9).
+    l2 picks (0.9, 0.9) (squared distance 0.82 against 81.25); cosine picks (10, 0.5)
+    (cos 0.9988 against 0.7071), and z_q is (10, 0.5), not its unit vector."""
+    spec = {"type": "looc", "dim": 2, "codebook_dim": 2, "codebook_size": 2, "alpha": 1, "cvq": False}
+    cos, l2 = build(spec).eval(), build({**spec, "distance": "l2"}).eval()
+    for q in (cos, l2):
+        _set(q.codebook.weight, [[10, 0.5], [0.9, 0.9]])
+    x = _tokens([1, 0])
+    assert cos(x).codes.flatten().tolist() == [0] and l2(x).codes.flatten().tolist() == [1]
+    torch.testing.assert_close(cos(x).z_q, _tokens([10, 0.5]))
+    torch.testing.assert_close(cos.decode(cos(x).codes), _tokens([10, 0.5]))
+    # the loss is in the raw space too: ||e - x||² (1 + β) over the d entries
+    torch.testing.assert_close(cos(x).loss, torch.tensor((81 + 0.25) / 2 * 1.25))
+
+
+def _authors_rule(z, weight, alpha):
+    """The authors' LooC forward, written from Visual-AI/LooC quantizer_zoo/LoRC_VAE/quantise.py
+    (shuffle_scale = α, split_type "fixed", distance "cos"): bilinear ×α, pixel_unshuffle,
+    split channels-last into d-chunks, argmax cosine, raw code, pixel_shuffle, α×α avg pool."""
+    f = torch.nn.functional
+    y = f.pixel_unshuffle(f.interpolate(z, scale_factor=alpha, mode="bilinear"), alpha)
+    y = y.permute(0, 2, 3, 1).contiguous()
+    flat = y.view(-1, weight.shape[1])
+    idx = (f.normalize(flat, dim=1) @ f.normalize(weight, dim=1).t()).argmax(1)
+    q = weight[idx].view(y.shape).permute(0, 3, 1, 2)
+    return idx, f.avg_pool2d(f.pixel_shuffle(q, alpha), alpha)
+
+
+def test_looc_patch_grouping_is_the_authors_rule():
+    torch.manual_seed(0)
+    k, d, alpha = 16, 4, 2
+    q = build({"type": "looc", "dim": 8, "codebook_dim": d, "codebook_size": k, "alpha": alpha,
+               "grouping": "patch", "cvq": False}).eval()  # fmt: skip
+    _set(q.codebook.weight, torch.randn(k, d))
+    z = torch.randn(2, 8, 3, 5)
+    idx, expected = _authors_rule(z, q.codebook.weight[0].detach(), alpha)
+    out = q(z)
+    assert out.codes.shape == (2, 8 * alpha**2 // d, 3, 5)  # at the input grid
+    assert torch.equal(out.codes.permute(0, 2, 3, 1).flatten(), idx)
+    torch.testing.assert_close(out.z_q, expected)
+    torch.testing.assert_close(q.decode(out.codes), out.z_q)
+    # per frame for video (time kept), with the same rate as "channels" grouping
+    v = torch.randn(2, 8, 3, 3, 5)
+    out3 = q(v)
+    for t in range(3):
+        torch.testing.assert_close(out3.z_q[:, :, t], q(v[:, :, t]).z_q)
+    torch.testing.assert_close(q.decode(out3.codes), out3.z_q)
+    assert q.bits_per_token == build({"type": "looc", "dim": 8, "codebook_size": k}).bits_per_token
+
+
+def test_looc_patch_subvector_is_one_channels_patch():
+    """Hand-worked: one channel, α = 2, d = 4, a 1×1 map: bilinear ×2 of a 1×1 map is its value
+    everywhere, so the single sub-vector is (v, v, v, v) (the 2×2 patch of that channel)."""
+    q = build({"type": "looc", "dim": 1, "codebook_dim": 4, "codebook_size": 2, "alpha": 2,
+               "grouping": "patch", "cvq": False}).eval()  # fmt: skip
+    _set(q.codebook.weight, [[1, 1, 1, 1], [1, -1, 1, -1]])
+    out = q(torch.full((1, 1, 1, 1), -3.0))  # (-3, -3, -3, -3): cosine -1 and 0
+    assert out.codes.tolist() == [[[[1]]]]
+    torch.testing.assert_close(out.z_q, torch.zeros(1, 1, 1, 1))  # mean of (1, -1, 1, -1)
 
 
 # --- hrvq --------------------------------------------------------------------------------
@@ -290,7 +363,8 @@ def test_ema_keeps_an_unused_code_in_place():
 def test_cvq_moves_an_unused_code_to_its_closest_feature():
     """CVQ-VAE eq. 7-8 by hand, through looc (re-anchoring on by default)."""
     gamma = 0.99
-    q = build({"type": "looc", "dim": 2, "codebook_dim": 2, "codebook_size": 2, "alpha": 1})
+    q = build({"type": "looc", "dim": 2, "codebook_dim": 2, "codebook_size": 2, "alpha": 1,
+               "distance": "l2"})  # fmt: skip
     assert q.codebook.cvq
     _set(q.codebook.weight, [[0, 0], [100, 100]])
     q.train()(_tokens([1, 0], [0, 1], [2, 2]))  # all three pick code 0; code 1 is dead
@@ -383,10 +457,13 @@ def _trained_mse(spec: dict, train: torch.Tensor, test: torch.Tensor, steps: int
 
 
 def test_looc_beats_vq_on_real_image_patches_at_equal_codebook_size():
-    """K_vq · C == K_looc · d == 768 floats; same steps, optimiser and CVQ for both."""
+    """K_vq · C == K_looc · d == 768 floats; same steps, optimiser, CVQ and l2 matching for
+    both. (On fixed features, with no encoder to adapt, LooC's cosine matching, which ignores
+    the magnitude, measured 0.0120 against VQ's 0.0066: this is the low-dimensional codebook's
+    test, not the matching rule's.)"""
     train, test = _patch_maps(seed=0, crops=32), _patch_maps(seed=1)
     c = train.shape[1]  # 48
-    common = {"dim": c, "cvq": True}
+    common = {"dim": c, "cvq": True, "distance": "l2"}
     vq = _trained_mse({"type": "vq", "codebook_size": 16, **common}, train, test)
     looc = _trained_mse(
         {"type": "looc", "codebook_size": 64, "codebook_dim": 12, "alpha": 1, **common}, train, test

@@ -57,6 +57,7 @@ class Codebook(nn.Module):
         cvq: bool = False,
         cvq_anchor: str = "closest",
         cvq_decay: float = 0.99,
+        raw_output: bool = False,
         owner: str = "codebook",
     ):
         super().__init__()
@@ -71,6 +72,8 @@ class Codebook(nn.Module):
         self.beta, self.update_rule, self.distance = beta, update, distance
         self.ema_decay, self.eps = ema_decay, eps
         self.cvq, self.cvq_anchor, self.cvq_decay = cvq, cvq_anchor, cvq_decay
+        # cosine search, raw code out (see `forward`); with l2 the two are the same thing
+        self.raw_output = raw_output and distance == "cosine"
         init = torch.empty(num_groups, num_codes, code_dim).uniform_(-1 / num_codes, 1 / num_codes)
         if update == "grad":
             self.weight = nn.Parameter(init)
@@ -94,7 +97,7 @@ class Codebook(nn.Module):
 
     def codes_of(self, group: torch.Tensor | None) -> torch.Tensor:
         w = self.table if group is None else self.table[group]
-        return F.normalize(w, dim=-1) if self.distance == "cosine" else w
+        return F.normalize(w, dim=-1) if self.distance == "cosine" and not self.raw_output else w
 
     # -- search and lookup
     @torch.no_grad()
@@ -115,10 +118,16 @@ class Codebook(nn.Module):
         self, x_nd: torch.Tensor, group_n: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Tokens (N, d) -> (e (N, d) with gradient to the codebook in "grad" mode, codes (N,),
-        loss, this batch's (G, K) histogram). No straight-through here: callers add it."""
-        if self.distance == "cosine":
-            x_nd = F.normalize(x_nd, dim=-1)
-        codes = self.search(x_nd, group_n)
+        loss, this batch's (G, K) histogram). No straight-through here: callers add it.
+
+        Cosine distance: tokens and codes are compared as unit vectors. By default the code out
+        and the losses are the unit vectors too (ViT-VQGAN, arXiv:2110.04627, sec. 3.2); with
+        `raw_output` the code out, the losses and the updates use the raw code and token, as
+        CVQ-VAE's and LooC's public code do (Visual-AI/LooC `quantise.py`: the match by
+        cosine, then `z_q = embedding.weight[indices]`)."""
+        unit = F.normalize(x_nd, dim=-1) if self.distance == "cosine" else x_nd
+        x_nd = x_nd if self.raw_output else unit
+        codes = self.search(unit, group_n)
         sync = self.training
         hist = self.usage.update(codes, group_n, sync=sync)
         e = self.lookup(codes, group_n)

@@ -1,9 +1,13 @@
 """`looc`: LooC, a low-dimensional codebook for compositional VQ (LooC seed 001, sec. 3.2-3.4).
 
-Low-dimensional codebook (sec. 3.2): each C-vector is split into m = C/d sub-vectors and
+Low-dimensional codebook (sec. 3.2): each C-vector is split into sub-vectors of dim d and
 EVERY sub-vector is quantized by the ONE shared codebook of K codes of dim d (Codebook with
-G = 1 over N·m tokens), so K·d parameters give K^m composite codes; unlike PQ (seed eq. 2)
-there is no per-position codebook. d = C is plain VQ.
+G = 1), so K·d parameters give K^m composite codes; unlike PQ (seed eq. 2) there is no
+per-position codebook. d = C is plain VQ.
+
+Matching (supplementary 1.2): by cosine similarity (the default, `distance: cosine`), and the
+code out is the raw code, as in the authors' public code (Visual-AI/LooC `quantise.py`);
+`distance: l2` is plain nearest-code matching.
 
 Extrapolation-by-interpolation (sec. 3.2, "Feature Enhancement and Smoothness"): the latent
 map is upsampled ×α with bilinear interpolation, every vector of the larger map is quantized,
@@ -12,14 +16,19 @@ size is exactly α·S, so pooling with kernel = stride = α restores S for any S
 it. 3D input (B, C, T, H, W): by default H and W are upsampled per frame (time kept, pool
 (1, α, α)); `interpolate_time=True` upsamples T too (trilinear, pool (α, α, α)).
 
+Sub-vector grouping (the paper's text allows either; both cost α²·C/d codes per input
+position):
+- "channels" (default): d adjacent channels at one position of the upsampled map; codes
+  (B, C/d, *S↑).
+- "patch": the authors' code, `pixel_unshuffle` by α before the split, so with d = α² a
+  sub-vector is the α×α patch of ONE channel (generally: d consecutive entries of the
+  unshuffled channel order c·α² + i·α + j); codes (B, C·α²/d, *S) at the input grid.
+
 Loss (seed eq. 3, recon term left to the model): ||sg[z↑] - e||² + β||z↑ - sg[e]||² on the
 sub-vectors of the upsampled map z↑; the straight-through estimator sits on z↑, so the
 gradient to z passes through the (parameter-free, linear) upsample and pool, as when LooC is
 plugged between them in a VQ-VAE. CVQ-VAE re-anchoring of dead codes is on by default (sec. 3.4).
-
-Shapes: z (B, C, *S) -> z↑ (B, C, *S↑) -> tokens (N↑, C) -> sub-vectors (N↑·m, d);
-codes (B, m, *S↑) (one code per sub-vector at the upsampled grid); decode = lookup, concat,
-pool, which is exactly the eval-mode forward z_q.
+Decode = lookup, concat, (shuffle), pool, which is exactly the eval-mode forward z_q.
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ from vqcore.quantizers.codebook import Codebook
 from vqcore.quantizers.registry import register
 from vqcore.quantizers.vq import VQConfig
 
+GROUPINGS = ("channels", "patch")
+
 
 @dataclass
 class LooCConfig(VQConfig):
@@ -54,6 +65,8 @@ class LooCConfig(VQConfig):
     codebook_dim: int | None = None
     alpha: int = 2  # extrapolation-by-interpolation factor α (paper's best: 2); 1 disables
     interpolate_time: bool = False  # 3D input: also upsample T (trilinear) instead of H, W only
+    grouping: str = "channels"  # "channels" | "patch" (the authors' pixel_unshuffle split)
+    distance: str = "cosine"  # supplementary 1.2; the raw code is output (see module doc)
     cvq: bool = True  # CVQ-VAE re-anchoring of dead codes (seed sec. 3.4)
 
     def __post_init__(self) -> None:
@@ -62,13 +75,18 @@ class LooCConfig(VQConfig):
 
     def validate(self) -> None:
         super().validate()
-        d = self.codebook_dim
-        if d < 1 or self.dim % d:
-            raise ValueError(
-                f"looc: codebook_dim must be a positive divisor of dim={self.dim}, got {d}"
-            )
         if not isinstance(self.alpha, int) or isinstance(self.alpha, bool) or self.alpha < 1:
             raise ValueError(f"looc: alpha must be an integer >= 1, got {self.alpha!r}")
+        if self.grouping not in GROUPINGS:
+            raise ValueError(f"looc: grouping must be one of {GROUPINGS}, got {self.grouping!r}")
+        if self.grouping == "patch" and self.interpolate_time:
+            raise ValueError("looc: grouping 'patch' splits α×α patches of each frame; "
+                             "interpolate_time needs grouping 'channels'")  # fmt: skip
+        split = self.dim * (self.alpha**2 if self.grouping == "patch" else 1)
+        d = self.codebook_dim
+        if d < 1 or split % d:
+            raise ValueError(f"looc: codebook_dim must be a positive divisor of "
+                             f"{split} (dim, times α² with grouping 'patch'), got {d}")  # fmt: skip
 
 
 @register(LooCConfig)
@@ -80,10 +98,13 @@ class LooCQuantizer(Quantizer):
         self.codebook_dim = config.codebook_dim
         self.num_subvectors = config.dim // config.codebook_dim  # m
         self.alpha = config.alpha
-        # ONE K×d codebook shared by all m sub-vectors (seed sec. 3.2)
-        self.codebook = Codebook(
-            config.codebook_size, config.codebook_dim, owner="looc", **config.codebook_kwargs()
-        )
+        self.patch = config.grouping == "patch"
+        # channels of the map that is split: C at S↑, or C·α² at S after pixel_unshuffle
+        self.split_dim = config.dim * (config.alpha**2 if self.patch else 1)
+        # ONE K×d codebook shared by all sub-vectors (seed sec. 3.2); cosine matching outputs
+        # the raw code (the authors' rule)
+        self.codebook = Codebook(config.codebook_size, config.codebook_dim, owner="looc",
+                                 raw_output=True, **config.codebook_kwargs())  # fmt: skip
         self.usage = self.codebook.usage
 
     # -- extrapolation-by-interpolation
@@ -113,10 +134,33 @@ class LooCQuantizer(Quantizer):
         pool = F.avg_pool2d if q_up.dim() == 4 else F.avg_pool3d
         return pool(q_up, kernel_size=factors, stride=factors)
 
+    def _unshuffle(self, z_up: torch.Tensor) -> torch.Tensor:
+        """"patch" grouping: (B, C, *S↑) -> (B, C·α², *S) by pixel_unshuffle of each frame."""
+        if not self.patch:
+            return z_up
+        if z_up.dim() == 4:
+            return F.pixel_unshuffle(z_up, self.alpha)
+        b, t = z_up.shape[0], z_up.shape[2]
+        y = F.pixel_unshuffle(z_up.transpose(1, 2).flatten(0, 1), self.alpha)
+        return y.unflatten(0, (b, t)).transpose(1, 2)
+
+    def _shuffle(self, q: torch.Tensor) -> torch.Tensor:
+        """Inverse of `_unshuffle`."""
+        if not self.patch:
+            return q
+        if q.dim() == 4:
+            return F.pixel_shuffle(q, self.alpha)
+        b, t = q.shape[0], q.shape[2]
+        y = F.pixel_shuffle(q.transpose(1, 2).flatten(0, 1), self.alpha)
+        return y.unflatten(0, (b, t)).transpose(1, 2)
+
     def _bits(self, rank: int) -> float:
-        """α^k · m · log2 K bits per input position, k = number of upsampled dims."""
-        upsampled = math.prod(self._factors(rank))
-        return upsampled * self.num_subvectors * math.log2(self.config.codebook_size)
+        """Codes per input position × log2 K: α^k · C/d ("channels", k = number of
+        upsampled dims) or C·α²/d ("patch"), the same for the same α."""
+        per_position = self.split_dim // self.codebook_dim
+        if not self.patch:
+            per_position *= math.prod(self._factors(rank))
+        return per_position * math.log2(self.config.codebook_size)
 
     @property
     def bits_per_token(self) -> float:
@@ -126,32 +170,30 @@ class LooCQuantizer(Quantizer):
 
     # -- quantizer API
     def quantize(self, z: torch.Tensor) -> Quantized:
-        z_up = self._upsample(z)
-        x, spatial = to_tokens(z_up)  # (N↑, C)
-        n, m = x.shape[0], self.num_subvectors
-        sub = x.reshape(n * m, self.codebook_dim)  # every sub-vector is a token of ONE codebook
+        x, spatial = to_tokens(self._unshuffle(self._upsample(z)))  # (N, C) or (N, C·α²)
+        n, per = x.shape[0], self.split_dim // self.codebook_dim
+        sub = x.reshape(n * per, self.codebook_dim)  # every sub-vector: a token of ONE codebook
         e, codes, loss, hist = self.codebook(sub)  # seed eq. 3 codebook + commitment terms
-        if self.config.distance == "cosine":
-            sub = F.normalize(sub, dim=-1)
-        q_up = from_tokens(straight_through(sub, e).reshape(n, self.dim), spatial)
-        z_q = self._pool(q_up)
+        q = from_tokens(straight_through(sub, e).reshape(n, self.split_dim), spatial)
+        z_q = self._pool(self._shuffle(q))
         metrics = self.usage.stats(hist)
         metrics["bits_per_token"] = torch.tensor(self._bits(z.dim()))
-        return Quantized(z_q, from_tokens(codes.view(n, m), spatial), loss, metrics)
+        return Quantized(z_q, from_tokens(codes.view(n, per), spatial), loss, metrics)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        m = self.num_subvectors
-        if codes.dim() not in (4, 5) or codes.shape[1] != m:
+        per = self.split_dim // self.codebook_dim
+        if codes.dim() not in (4, 5) or codes.shape[1] != per:
+            grid = "S" if self.patch else "S↑"
             raise ValueError(
-                f"LooCQuantizer: expected codes (B, {m}, *S↑) with S↑ = (H, W) or (T, H, W), "
-                f"got shape {tuple(codes.shape)}"
+                f"LooCQuantizer: expected codes (B, {per}, *{grid}) with {grid} = (H, W) or "
+                f"(T, H, W), got shape {tuple(codes.shape)}"
             )
         factors = self._factors(codes.dim())
-        if any(s % f for s, f in zip(codes.shape[2:], factors)):
+        if not self.patch and any(s % f for s, f in zip(codes.shape[2:], factors)):
             raise ValueError(
                 f"LooCQuantizer: upsampled code grid {tuple(codes.shape[2:])} is not a "
                 f"multiple of the factors {factors} (alpha={self.alpha})"
             )
-        c, spatial = to_tokens(codes)  # (N↑, m)
-        e = self.codebook.lookup(c.reshape(-1)).reshape(-1, self.dim)  # concat m codes
-        return self._pool(from_tokens(e, spatial))
+        c, spatial = to_tokens(codes)  # (N, per)
+        e = self.codebook.lookup(c.reshape(-1)).reshape(-1, self.split_dim)  # concat the codes
+        return self._pool(self._shuffle(from_tokens(e, spatial)))
