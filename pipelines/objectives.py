@@ -22,6 +22,8 @@ generator step, one for the discriminator's, and no graph break in a compiled fo
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -200,7 +202,8 @@ class TokenizerObjective(Objective):
         super().__init__(cfg, device)
         from vqcore.losses import TokenizerLoss
 
-        self.loss_fn = TokenizerLoss(cfg.loss).to(device)
+        teacher = load_teacher(cfg, self.model) if cfg.loss.teacher_weight > 0 else None
+        self.loss_fn = TokenizerLoss(cfg.loss, teacher=teacher).to(device)
         self.disc = None
         if cfg.loss.gan_weight > 0:
             from vqcore.models.discriminator import build_discriminator
@@ -222,14 +225,15 @@ class TokenizerObjective(Objective):
         guard = self.guard("gen", self.model, self.loss_fn, self.disc)
         guard.save()
         self.latents.reset()
-        with autocast(self.cfg, self.device):
+        with autocast(self.cfg, self.device), quantizer_input(self.model, self.loss_fn) as z:
             x_hat, q = self.model(x)
         x_hat = x_hat.float()
         self.count_tokens(q.z_q)
         last = getattr(self.model, "last_layer", None)
         if self.cfg.train.zero_stage == 3:
             last = None  # sharded weight: adaptive GAN weight falls back to 1 (see loss config)
-        g = self.loss_fn.generator(x_hat, x, q.loss, step, disc=self.disc, last_layer=last)
+        g = self.loss_fn.generator(x_hat, x, q.loss, step, disc=self.disc, last_layer=last,
+                                   student_features=z.get("z"))  # fmt: skip
         terms = dict(g.terms)
         terms.update({f"quantizer/{k}": v for k, v in q.metrics.items()})
         if not _all_finite(g.total, self.latents.ok):
@@ -287,6 +291,40 @@ class HFSVQObjective(Objective):
             terms.update({k: v.float() for k, v in out.metrics.items()})
             terms[f"{phase}/total"] = loss.detach()
         return terms, self.boundary()
+
+
+@contextlib.contextmanager
+def quantizer_input(model: nn.Module, loss_fn) -> Iterator[dict]:
+    """{"z": the latents the model's quantizer was given} after the block, when the loss
+    aligns them with a teacher (the student features of seed 004 sec. 3.4); else {}."""
+    got: dict = {}
+    if loss_fn.teacher is None:
+        yield got
+        return
+    handle = model.quantizer.register_forward_pre_hook(lambda _m, args: got.update(z=args[0]))
+    try:
+        yield got
+    finally:
+        handle.remove()
+
+
+def load_teacher(cfg: Config, student: nn.Module) -> nn.Module:
+    """The frozen teacher of `loss.teacher.model` (any `load_model` spec: a vqtok run folder,
+    exported model, checkpoint or MLflow URI): its tokenizer's encoder (`EncoderTeacher`).
+    Sets `loss.teacher`'s dims, and a projection when the student's latent width differs."""
+    from pipelines.model_store import load_model
+    from vqcore.losses import EncoderTeacher
+
+    tc = cfg.loss.teacher
+    if not tc.model:
+        raise ValueError("loss.teacher_weight > 0 needs loss.teacher.model: a vqtok model "
+                         "(run folder, exported model, checkpoint or runs:/ URI)")  # fmt: skip
+    teacher = EncoderTeacher(load_model(tc.model).model).eval().requires_grad_(False)
+    with torch.no_grad():
+        tc.teacher_dim = int(teacher(torch.zeros(1, 3, 32, 32)).shape[1])
+    tc.student_dim = int(student.quantizer.config.dim)
+    tc.projection = tc.projection or tc.student_dim != tc.teacher_dim
+    return teacher
 
 
 def _first_unreadable(folder: Path) -> Path | None:

@@ -184,6 +184,21 @@ def test_teacher_projection_trains_and_checks_dims():
         plain(torch.randn(2, 7, 4, 4), torch.randn(2, 3, 16, 16))
 
 
+def test_teacher_contrastive_is_info_nce_by_hand():
+    """Two positions, one channel pair each: logits cos/τ; loss = mean CE to the diagonal."""
+    align = TeacherAlignment(TeacherConfig(distance="contrastive", temperature=0.5),
+                             nn.Identity())  # fmt: skip
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).t().reshape(1, 2, 1, 2)  # (1, C, h, w)
+    image = torch.tensor([[1.0, 0.0], [1.0, 1.0]]).t().reshape(1, 2, 1, 2)  # "teacher" = x
+    c = 2**-0.5  # cos of (0, 1) and (1, 1)
+    logits = torch.tensor([[1.0, c], [0.0, c]]) / 0.5
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1]))
+    torch.testing.assert_close(align(student, image), expected)
+    # position i must find teacher i: matched features score lower than shuffled ones
+    f = torch.randn(2, 4, 3, 3)
+    assert align(f, f) < align(f, f.flip(-1))
+
+
 # --- LPIPS: weights from a local file, or off with one warning --------------------------------
 
 

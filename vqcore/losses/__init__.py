@@ -22,7 +22,7 @@ from vqcore.losses.gan import (
 )
 from vqcore.losses.perceptual import BACKBONE_FILES, Perceptual, PerceptualConfig, find_backbone
 from vqcore.losses.recon import check_pair, frames, reconstruction_loss, warn_once
-from vqcore.losses.teacher import TeacherAlignment, TeacherConfig
+from vqcore.losses.teacher import EncoderTeacher, TeacherAlignment, TeacherConfig
 from vqcore.losses.tokenizer import (
     LossOutput,
     TokenizerLoss,
@@ -37,6 +37,7 @@ __all__ = [
     "LossOutput",
     "Perceptual",
     "PerceptualConfig",
+    "EncoderTeacher",
     "TeacherAlignment",
     "TeacherConfig",
     "TokenizerLoss",

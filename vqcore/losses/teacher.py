@@ -1,4 +1,11 @@
-"""Teacher alignment: student features vs. a frozen module's per-frame features."""
+"""Teacher alignment: student features vs. a frozen module's per-frame features.
+
+PVQ-VAE (seed 004, sec. 3.4) aligns its latents with a frozen 2D VAE (FLUX's) and calls the
+term contrastive. Distances: "contrastive", InfoNCE over positions (Oord et al.,
+arXiv:1807.03748, eq. 4: each student position must pick its own teacher position among the
+batch's sampled positions); "cosine", 1 − cos per position (as REPA, arXiv:2410.06940);
+"l2". The teacher is any frozen module (N, 3, H, W) -> (N, C_t, h, w) or (N, C_t);
+`EncoderTeacher` makes one of a trained tokenizer's encoder."""
 
 from __future__ import annotations
 
@@ -10,6 +17,8 @@ from torch import nn
 
 from vqcore.losses.recon import frames
 
+DISTANCES = ("contrastive", "cosine", "l2")
+
 
 @dataclass
 class TeacherConfig:
@@ -18,15 +27,22 @@ class TeacherConfig:
     (N, C_t, h, w) or (N, C_t)). Teacher maps are average-pooled to the student's grid
     (T/t frames per latent frame, adaptive in space), then compared per position."""
 
-    distance: str = "cosine"  # "cosine": 1 − cos along channels | "l2": mean squared error
+    distance: str = "cosine"  # "contrastive" (InfoNCE) | "cosine": 1 − cos | "l2": MSE
     student_dim: int = 0  # C_s; needed with `projection`
     teacher_dim: int = 0  # C_t; needed with `projection`
     projection: bool = False  # learned linear C_s -> C_t on the student side (REPA-style)
     max_frames: int | None = None  # teacher sees ~this many frames (whole latent-frame groups)
+    temperature: float = 0.07  # "contrastive": τ of the InfoNCE logits
+    max_positions: int = 1024  # "contrastive": positions sampled a step (the logits are P×P)
+    # where the frozen teacher comes from, read by the trainer (vqcore loads nothing): a vqtok
+    # model (`vqtok` run folder, exported model, checkpoint or MLflow URI) whose encoder is used
+    model: str | None = None
 
     def validate(self) -> None:
-        if self.distance not in ("cosine", "l2"):
-            raise ValueError(f"teacher.distance must be 'cosine' or 'l2', got {self.distance!r}")
+        if self.distance not in DISTANCES:
+            raise ValueError(f"teacher.distance must be one of {DISTANCES}, got {self.distance!r}")
+        if self.temperature <= 0 or self.max_positions < 2:
+            raise ValueError("teacher.temperature must be > 0 and max_positions >= 2")
         if self.projection and (self.student_dim <= 0 or self.teacher_dim <= 0):
             raise ValueError("teacher.projection needs student_dim and teacher_dim > 0")
 
@@ -90,6 +106,32 @@ class TeacherAlignment(nn.Module):
         if s.shape != tgt.shape:
             raise ValueError(f"student features {tuple(s.shape)} vs teacher {tuple(tgt.shape)} "
                              "(channel-last): set teacher.projection with the right dims")
+        if self.config.distance == "contrastive":
+            return self._info_nce(s.reshape(-1, s.shape[-1]), tgt.reshape(-1, tgt.shape[-1]))
         if self.config.distance == "cosine":
             return (1.0 - F.cosine_similarity(s, tgt, dim=-1)).mean()
         return F.mse_loss(s, tgt)
+
+    def _info_nce(self, s_pc: torch.Tensor, t_pc: torch.Tensor) -> torch.Tensor:
+        """InfoNCE over up to `max_positions` positions sampled from the batch: position i's
+        positive is the teacher's feature at i, its negatives the other sampled positions."""
+        n = s_pc.shape[0]
+        if n > self.config.max_positions:
+            pick = torch.randperm(n, device=s_pc.device)[: self.config.max_positions]
+            s_pc, t_pc = s_pc[pick], t_pc[pick]
+        logits = F.normalize(s_pc, dim=-1) @ F.normalize(t_pc, dim=-1).t()
+        target = torch.arange(s_pc.shape[0], device=s_pc.device)
+        return F.cross_entropy(logits / self.config.temperature, target)
+
+
+class EncoderTeacher(nn.Module):
+    """A tokenizer's encoder as the teacher: images (N, 3, H, W) -> its continuous latents
+    (N, C, h, w) (a video tokenizer encodes each image as a one-frame clip; T = 1 dropped)."""
+
+    def __init__(self, tokenizer: nn.Module):
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def forward(self, x_nchw: torch.Tensor) -> torch.Tensor:
+        z = self.tokenizer.encode(x_nchw)
+        return z[:, :, 0] if z.dim() == 5 else z
