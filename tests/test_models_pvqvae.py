@@ -209,3 +209,22 @@ def test_overfits_panning_clips():
     first, last, var = runs[1]
     assert last < first / 5, runs
     assert last < var / 5, runs
+
+
+def test_seed_decoder_has_three_upsampling_blocks():
+    """Supplement sec. 2.1: "three decoder blocks, aided by projection layers": the five ×2
+    stages (T/16, H/32) merged into 3 up-sampling blocks, the same output size."""
+    from vqcore.models.blocks import Upsample, group_stages, stage_strides
+
+    strides = stage_strides(32, 16, dims=3)
+    assert group_stages(strides, (1, 2, 2, 4, 4, 8), 3) == (
+        [(2, 4, 4), (4, 4, 4), (2, 2, 2)], [1, 2, 4, 8])  # fmt: skip
+    spec = {"channels": 8, "norm_groups": 8, "decoder_blocks": 3}
+    model = PVQVAEConfig.from_dict(spec).build().eval()
+    ups = [m.stride for m in model.decoder.modules() if isinstance(m, Upsample)]
+    assert sorted(ups) == sorted([(2.0, 4.0, 4.0), (4.0, 4.0, 4.0), (2.0, 2.0, 2.0)])
+    x = torch.rand(1, 3, 16, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert model(x)[0].shape == x.shape
+    with pytest.raises(ValueError, match="cannot merge 2 sampling stages into 3 blocks"):
+        PVQVAEConfig.from_dict({"flavour": "debug", "decoder_blocks": 3})

@@ -62,6 +62,26 @@ def stage_strides(spatial_factor: int, temporal_factor: int, dims: int) -> list[
     return strides
 
 
+def group_stages(
+    strides: Sequence[Stride], channel_mult: Sequence[int], blocks: int
+) -> tuple[list[Stride], list[int]]:
+    """Merge consecutive ×2 stages into `blocks` up/down-sampling stages of larger stride
+    (as even as possible, the larger groups first), with the channel multiplier of each
+    group's boundary level: e.g. 5 stages, mult (1, 2, 2, 4, 4, 8), 3 blocks -> strides
+    of stages [0, 1], [2, 3], [4] multiplied, mult (1, 2, 4, 8)."""
+    n = len(strides)
+    if not 1 <= blocks <= n:
+        raise ValueError(f"cannot merge {n} sampling stages into {blocks} blocks (1..{n})")
+    sizes = [n // blocks + (i < n % blocks) for i in range(blocks)]
+    merged, mult, start = [], [channel_mult[0]], 0
+    for size in sizes:
+        group = strides[start : start + size]
+        merged.append(tuple(math.prod(axis) for axis in zip(*group)))
+        start += size
+        mult.append(channel_mult[start])
+    return merged, mult
+
+
 class ChannelNorm(nn.Module):
     """LayerNorm over the channels at each position (ConvNeXt's channels-first LayerNorm,
     arXiv:2201.03545): a local norm, so tiled and untiled runs agree exactly away from tile

@@ -43,7 +43,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqcore.models.blocks import NORMS, Decoder, Encoder, conv, norm_layer, stage_strides
+from vqcore.models.blocks import (
+    NORMS,
+    Decoder,
+    Encoder,
+    conv,
+    group_stages,
+    norm_layer,
+    stage_strides,
+)
 from vqcore.models.config import check_positive_ints, check_quantizer_spec, from_flavour
 from vqcore.models.image_tokenizer import pad_to_multiple
 from vqcore.models.tiling import tiled
@@ -71,6 +79,10 @@ class PVQVAEConfig:
     dropout: float = 0.0
     # DC-AE's parameter-free residual shortcuts (blocks.py); BENCHMARKS.md "Learning"
     shortcuts: bool = True
+    # 0: the decoder mirrors the encoder (a level per ×2 stage). n: n up-sampling blocks of
+    # merged stages, each a channel projection (the first ResBlock's 1×1) + ResBlocks + up:
+    # the supplement's "three decoder blocks, aided by projection layers" (sec. 2.1) is 3
+    decoder_blocks: int = 0
     use_fft: bool = True  # FFT branch (global structure)
     use_dwt: bool = True  # wavelet branch (local detail)
     wavelet: str = "haar"  # any pywt wavelet name
@@ -110,6 +122,8 @@ class PVQVAEConfig:
                 f"pvqvae: need 0 <= tile_overlap < tile_size, got "
                 f"{self.tile_overlap}, {self.tile_size}"
             )
+        if self.decoder_blocks:
+            group_stages(strides, self.channel_mult, self.decoder_blocks)  # raises if too many
         if self.use_dwt:
             filter_bank(self.wavelet)  # an unknown name fails here, naming the wavelet
 
@@ -205,6 +219,9 @@ class PVQVAE(nn.Module):
         )
         self.dwt = DWTBranch(c.in_channels, widths, strides, c.wavelet) if c.use_dwt else None
         self.quantizer = build(c.quantizer_config())
+        if c.decoder_blocks:
+            up, mult = group_stages(strides, c.channel_mult, c.decoder_blocks)
+            net = {**net, "strides": up, "channel_mult": mult}
         self.decoder = Decoder(3, c.latent_dim, c.in_channels, **net)
         self.factors = (c.temporal_factor, c.spatial_factor, c.spatial_factor)
 
