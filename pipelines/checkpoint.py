@@ -19,12 +19,21 @@ and every file they list has its recorded size (`is_complete`, stat calls only):
 killed half way, on any rank, leaves a folder that `latest` passes over. Loading checks
 the sha256 of every file first (`check_loadable`), so a corrupted file is a `CheckpointError`
 naming it, never a partial load. Folders from before manifests (COMPLETE reads "ok") are
-checked by their marker only.
+not loaded.
+
+Nothing in a checkpoint is unpickled as code: manifests check integrity, not intent (whoever
+can plant a file can rewrite its manifest), so every file is read with
+`torch.load(weights_only=True)`. DeepSpeed's own loader unpickles freely (0.19's
+`TorchCheckpointEngine.load`: `weights_only=False`); `safe_engine_loading` makes an engine
+read its states through `load_states` instead, which allows only the few plain classes its
+ZeRO states hold (`DEEPSPEED_STATE_GLOBALS`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -37,6 +46,15 @@ import torch
 
 COMPLETE = "COMPLETE"
 MANIFESTS = "manifest"
+# What DeepSpeed 0.19's engine states pickle besides tensors and builtins (found with
+# torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-1/2/3 states, fp32 and bf16):
+# plain data classes and an enum, rebuilt without running any of their code.
+DEEPSPEED_STATE_GLOBALS = (
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+)
 
 
 class CheckpointError(RuntimeError):
@@ -122,9 +140,9 @@ def write_manifest(path: Path, rank: int) -> Path:
     return out
 
 
-def _listed_files(path: Path) -> dict[str, dict] | None:
-    """Every file the manifests list, checked by size; None for a folder from before
-    manifests. Raises CheckpointError naming the first missing or short file."""
+def _listed_files(path: Path) -> dict[str, dict]:
+    """Every file the manifests list, checked by size. Raises CheckpointError naming the
+    first missing or short file (or a folder from before manifests)."""
     marker = path / COMPLETE
     if not marker.is_file():
         raise CheckpointError(
@@ -132,7 +150,10 @@ def _listed_files(path: Path) -> dict[str, dict] | None:
         )
     text = marker.read_text().strip()
     if text == "ok":
-        return None  # written before manifests existed
+        raise CheckpointError(
+            f"checkpoint {path} was written before manifests (COMPLETE reads 'ok'): its files "
+            "cannot be checked, so it is not loaded; resume from a newer one or start a new run"
+        )
     try:
         world = int(json.loads(text)["world_size"])
     except (ValueError, KeyError, TypeError) as exc:
@@ -165,7 +186,7 @@ def verify(path: Path) -> None:
     """Sizes and sha256 of every file against the manifests; CheckpointError naming the
     first file that differs. Reads the whole checkpoint once."""
     files = _listed_files(path)
-    for rel, meta in (files or {}).items():
+    for rel, meta in files.items():
         f = path / rel
         if _sha256(f) != meta["sha256"]:
             raise CheckpointError(
@@ -225,6 +246,48 @@ def load_ema(path: Path, ema: torch.nn.Module) -> None:
         raise CheckpointError(
             f"{f}: keys do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
+
+
+def load_states(path: str | Path, map_location: Any = None) -> Any:
+    """`torch.load(weights_only=True)` of a DeepSpeed state file, allowing only
+    `DEEPSPEED_STATE_GLOBALS`: a file that needs anything else (a planted pickle that would
+    run code) is a CheckpointError naming it, and nothing of it runs."""
+    allowed = [getattr(importlib.import_module(m), n) for m, n in DEEPSPEED_STATE_GLOBALS]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError (not imported: tests scan for pickle)
+        if type(exc).__name__ != "UnpicklingError":
+            raise  # a damaged file: the caller names it
+        why = next((ln.strip() for ln in str(exc).splitlines() if "global" in ln.lower()),
+                   str(exc).splitlines()[-1] if str(exc) else type(exc).__name__)  # fmt: skip
+        raise CheckpointError(f"refusing to load {path}: it holds more than weights ({why})"
+                              ) from None  # fmt: skip
+
+
+@functools.cache
+def _weights_only_engine_class() -> type:
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        """DeepSpeed's torch checkpoint engine, loading with `load_states`."""
+
+        def load(self, path: str, map_location=None):
+            return load_states(path, map_location)
+
+    return WeightsOnlyCheckpointEngine
+
+
+def safe_engine_loading(engine: Any) -> None:
+    """Make a DeepSpeed engine read its checkpoints with `load_states` (its own loader
+    unpickles anything). Only the torch engine, the one vqtok configures, is known."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    current = engine.checkpoint_engine
+    if type(current) is not TorchCheckpointEngine:
+        raise CheckpointError(f"DeepSpeed checkpoint engine {type(current).__name__}: vqtok "
+                              "loads checkpoints only through the torch engine (weights only)")  # fmt: skip
+    current.__class__ = _weights_only_engine_class()
 
 
 def check_loadable(path: Path) -> dict[str, Any]:

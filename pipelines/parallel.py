@@ -128,6 +128,9 @@ def make_engine(
         lr_scheduler=sched,
         config=deepspeed_config(cfg, micro_batch),
     )
+    from pipelines.checkpoint import safe_engine_loading
+
+    safe_engine_loading(engine)  # DeepSpeed's loader would unpickle a planted file
     return engine
 
 

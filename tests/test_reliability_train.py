@@ -50,7 +50,7 @@ def _state(folder) -> ckpt.TrainState:
 def _weights(folder) -> dict[str, torch.Tensor]:
     """The EMA and the DeepSpeed generator weights of a checkpoint folder."""
     ema = torch.load(folder / "ema.pt", weights_only=True)
-    ds = torch.load(folder / "gen" / "mp_rank_00_model_states.pt", weights_only=False)
+    ds = ckpt.load_states(folder / "gen" / "mp_rank_00_model_states.pt")
     return {
         **{f"ema/{k}": v for k, v in ema.items()},
         **{f"gen/{k}": v for k, v in ds["module"].items()},
@@ -255,17 +255,87 @@ def test_partial_folders_are_passed_over(trained, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_engine_load_error_names_the_file(trained, shards, tmp_path):
-    """A checkpoint without manifests (written before them) whose DeepSpeed file is
-    truncated: the resume fails with a CheckpointError naming that file, not a partial load."""
+    """A DeepSpeed file truncated and its manifest rewritten to match (the checks pass): the
+    resume fails with a CheckpointError naming that file, not a partial load."""
     run = shutil.copytree(trained, tmp_path / "run")
     shutil.rmtree(run / "step_00000002")
     folder = run / "step_00000004"
-    (folder / ckpt.COMPLETE).write_text("ok\n")
     _truncate(folder / "gen" / "mp_rank_00_model_states.pt")
+    ckpt.write_manifest(folder, 0)
     cfg = _config(shards, tmp_path, "run", "train.steps=6", "train.ckpt_every=2",
                   "loss.gan_weight=0")  # fmt: skip
     with pytest.raises(ckpt.CheckpointError, match=r"mp_rank_00_model_states\.pt"):
         fit(cfg, local=True)
+
+
+class _Planted:
+    """A pickle that runs a shell command when unpickled (issue 21, item 2)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _plant(run: Path, marker: Path, legacy: bool) -> None:
+    """Replace the newest checkpoint's DeepSpeed model states by the planted pickle, as an
+    attacker would: manifests rewritten to match, or the legacy 'ok' marker."""
+    for old in sorted(run.glob("step_*"))[:-1]:
+        shutil.rmtree(old)
+    folder = sorted(run.glob("step_*"))[-1]
+    torch.save({"module": _Planted(marker)}, folder / "gen" / "mp_rank_00_model_states.pt")
+    if legacy:
+        shutil.rmtree(folder / ckpt.MANIFESTS)
+        (folder / ckpt.COMPLETE).write_text("ok\n")
+    else:
+        ckpt.write_manifest(folder, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("legacy", [False, True], ids=["manifests rewritten", "legacy ok"])
+def test_planted_pickle_in_a_checkpoint_runs_nothing(trained, shards, tmp_path, legacy):
+    run = shutil.copytree(trained, tmp_path / "run")
+    marker = tmp_path / "PWNED"
+    _plant(run, marker, legacy)
+    cfg = _config(shards, tmp_path, "run", "train.steps=6", "train.ckpt_every=2",
+                  "loss.gan_weight=0")  # fmt: skip
+    if legacy:  # never loaded: passed over, so the run starts afresh (nothing to resume)
+        assert ckpt.latest(run) is None
+        return
+    with pytest.raises(ckpt.CheckpointError, match=r"refusing to load .*mp_rank_00_model"):
+        fit(cfg, local=True)
+    assert not marker.exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_planted_pickle_runs_nothing_under_ray(shards, tmp_path, ray_local):
+    """Ray Train restores the checkpoint it registered: planted there, it is refused on the
+    workers and nothing runs."""
+    first = _config(shards, tmp_path, "run", "train.steps=2", "train.ckpt_every=2",
+                    "loss.gan_weight=0")  # fmt: skip
+    fit(first, local=False)
+    marker = tmp_path / "PWNED"
+    _plant(first.run.run_dir, marker, legacy=False)
+    cfg = _config(shards, tmp_path, "run", "train.steps=4", "train.ckpt_every=2",
+                  "loss.gan_weight=0", "scaling.max_failures=0")  # fmt: skip
+    with pytest.raises(Exception, match="refusing to load"):
+        fit(cfg, local=False)
+    assert not marker.exists()
+
+
+def test_deepspeed_states_load_weights_only(debug_objective, tmp_path):
+    """Every file a ZeRO-2 engine pair writes loads through `load_states` (the allow-list is
+    enough), and the engines load their own checkpoint back through it."""
+    obj = debug_objective("loss.disc_start=0")
+    obj.micro_step(torch.rand(1, 3, 4, 16, 16) * 2 - 1, step=1)
+    obj.save(tmp_path)
+    files = sorted(tmp_path.rglob("*.pt"))
+    assert len(files) >= 4
+    for f in files:
+        ckpt.load_states(f)
+    obj.load(tmp_path)
 
 
 # --- non-finite losses ------------------------------------------------------------------
