@@ -63,6 +63,21 @@ def test_decode_encode_round_trip(family, layout):
     torch.testing.assert_close(q.decode(codes), out.z_q, atol=0, rtol=0)  # bit for bit
 
 
+@pytest.mark.parametrize("dim", [8, 16, 32, 64, 256])
+def test_every_family_builds_and_trains_from_type_and_dim_alone(family, dim):
+    """The README's promise at common latent widths (issue 22 item 8: LFQ and its composites
+    asked for 2^dim codes): build, a training step with gradients, an eval round trip."""
+    torch.manual_seed(0)
+    q = build({"type": family, "dim": dim})
+    z = torch.randn(2, dim, 4, 4, requires_grad=True)
+    out = q(z)
+    (out.z_q.pow(2).mean() + out.loss).backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    q.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(q.decode(q.encode(z)), q(z).z_q, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("shape", [(2, 8, 6), (2, 8, 6, 5), (2, 8, 3, 4, 5)])
 def test_channels_last_makes_tokens_a_view(shape):
     """After `channels_last`, `to_tokens` (of it and of an elementwise result) copies nothing,

@@ -154,9 +154,17 @@ def test_lfq_projections_when_codebook_dim_differs():
     torch.testing.assert_close(q.decode(q.encode(z)), q(z).z_q, atol=1e-6, rtol=0)
 
 
+def test_lfq_default_bits_are_capped_with_projections():
+    """Wide latents get d = 18 bits (Open-MAGVIT2's 2^18 codes) through 1×1 projections."""
+    q = build({"type": "lfq", "dim": 64})
+    assert q.codebook_dim == 18 and q.bits_per_token == 18
+    assert q.project_in.weight.shape == (18, 64) and q.project_out.weight.shape == (64, 18)
+    assert build({"type": "lfq", "dim": 16}).project_in is None  # d = dim: no projection
+
+
 def test_lfq_large_d_skips_the_per_code_histogram():
     torch.manual_seed(0)
-    q = build({"type": "lfq", "dim": 24})
+    q = build({"type": "lfq", "dim": 24, "codebook_dim": 24})
     z = torch.randn(2, 24, 3, 3)
     out = q(z)
     assert float(out.metrics["usage_per_bit_only"]) == 1
@@ -227,7 +235,7 @@ def test_fsq_no_loss_projections_and_round_trip():
 def test_scalar_config_errors_name_the_key():
     for spec, fragment in [
         ({"type": "fsq", "dim": 4, "levels": [8, 1]}, "levels"),
-        ({"type": "lfq", "dim": 64}, "codebook_dim"),
+        ({"type": "lfq", "dim": 64, "codebook_dim": 64}, "codebook_dim"),
         ({"type": "gvq", "dim": 4, "min_temperature": 2.0}, "min_temperature"),
     ]:
         with pytest.raises(ValueError, match=fragment):

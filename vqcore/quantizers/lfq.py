@@ -6,7 +6,10 @@ The codebook is implicit: C = {-1, 1}^d (d = `codebook_dim`, K = 2^d codes), so
     Index(x) = Σ_{i=0}^{d-1} 2^i · 1{x_i > 0}                       (eq. 4; bit i = channel i)
 
 with a straight-through gradient. When `dim != codebook_dim`, 1×1 projections map C -> d before
-and d -> C after quantization.
+and d -> C after quantization. By default d = min(dim, 18): a 2^18 = 262,144-code codebook,
+Open-MAGVIT2's (arXiv:2409.04410), so any width builds and trains (dim 32 or 256 would
+otherwise ask for 2^32 or 2^256 codes); vector-quantize-pytorch's LFQ projects the same way
+when dim != log2 K.
 
 Loss = beta · ‖x - sg[q(x)]‖² + entropy_weight · (E_n[H(q(c|x_n))] - γ · H(E_n[q(c|x_n)]))   (eq. 5)
 
@@ -55,13 +58,15 @@ from vqcore.quantizers.base import (
 from vqcore.quantizers.registry import register
 
 MAX_HISTOGRAM_BITS = 20  # per-code usage counters up to 2^20 codes
+DEFAULT_MAX_BITS = 18  # default d for wide latents (Open-MAGVIT2's 2^18 codes)
 MAX_CODE_BITS = 63  # codes are int64
 
 
 @dataclass
 class LFQConfig(QuantizerConfig):
     type: ClassVar[str] = "lfq"
-    codebook_dim: int | None = None  # d, K = 2^d codes; None: d = dim (no projections)
+    # d, K = 2^d codes; None: d = min(dim, DEFAULT_MAX_BITS) (projections when d < dim)
+    codebook_dim: int | None = None
     beta: float = 0.25  # commitment weight
     entropy_weight: float = 0.1  # weight of the entropy term (eq. 5)
     diversity_gamma: float = 1.0  # γ: weight of the batch (codebook) entropy inside it
@@ -70,7 +75,9 @@ class LFQConfig(QuantizerConfig):
 
     @property
     def bits(self) -> int:
-        return self.dim if self.codebook_dim is None else self.codebook_dim
+        if self.codebook_dim is None:
+            return min(self.dim, DEFAULT_MAX_BITS)
+        return self.codebook_dim
 
     def validate(self) -> None:
         super().validate()
