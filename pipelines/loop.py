@@ -248,10 +248,10 @@ def train_loop(cfg: Config, session: Session) -> dict[str, float]:
         evaluate_now = last or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0)
         if evaluate_now and session.rank == 0:
             metrics.update(run_eval(cfg, session, ema.module, objective, device, state.step))
+        if last and session.rank == 0:  # before the last report: a Tune scheduler (ASHA at
+            session.export_model(ema.module)  # max_t) may stop the trial right at it
         if metrics and (state.step % log_every == 0 or path is not None or evaluate_now):
             session.report({**metrics, "step": state.step}, path)
-    if session.rank == 0 and state.step >= cfg.train.steps:
-        session.export_model(ema.module)
     return metrics
 
 

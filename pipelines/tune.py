@@ -33,9 +33,13 @@ task per trial room to run, or the trial starves (RUNTIME.md). On a cluster, run
 be storage every node shares, and every node must reach the MLflow store (a server URI).
 
 MLflow: one parent run per study (params: the base config and the search space JSON), each
-trial a child run (tag mlflow.parentRunId) in the same store and experiment. A trial that
-ASHA stopped has its journal synced and its run marked KILLED; at the end the parent gets the
-table and the best config as artifacts and `best/<metric>` as a metric.
+trial a child run (tag mlflow.parentRunId) in the same store and experiment. Every trial that
+reaches `train.steps` exports its model before its last report (a scheduler may stop it at
+that report) and ends FINISHED; a trial the scheduler stopped earlier has its journal synced
+and its run marked KILLED. At the end the parent gets the table and the best config as
+artifacts, the best trial's eval metrics as `best/...`, its model's URI as the tag
+`vqtok.best_model` (`runs:/<trial run>/model`, printed), and with `tune.register_as` that
+model registered under that name.
 """
 
 from __future__ import annotations
@@ -186,8 +190,8 @@ def _concurrency(cfg: Config, tc: TuneConfig) -> int:
 
 
 def trial_rows(grid, tc: TuneConfig, steps: int) -> list[dict[str, Any]]:
-    """One row per trial: id, status, last step, sampled values, last value of the metric.
-    Status: FINISHED (all steps), STOPPED (by the scheduler), ERROR, NO_RESULT."""
+    """One row per trial, best first: id, status, last step, sampled values, last value of
+    the metric. Status: FINISHED (all steps), STOPPED (by the scheduler), ERROR, NO_RESULT."""
     rows = []
     for result in grid:
         hist = result.metrics_dataframe
@@ -207,8 +211,11 @@ def trial_rows(grid, tc: TuneConfig, steps: int) -> list[dict[str, Any]]:
         row[tc.metric] = value
         row["error"] = str(result.error).strip().splitlines()[-1] if result.error else ""
         rows.append(row)
+    # best first: trials that ran every step before those stopped early (a value at an
+    # early rung is not comparable with one at the end), then by the metric
     sign = 1 if tc.mode == "max" else -1
-    rows.sort(key=lambda r: -sign * r[tc.metric] if _scored(r, tc) else math.inf)
+    rows.sort(key=lambda r: (r["status"] != "FINISHED",
+                             -sign * r[tc.metric] if _scored(r, tc) else math.inf))  # fmt: skip
     return rows
 
 
@@ -243,9 +250,9 @@ def _close_child_runs(rows: list[dict], trials_dir: Path, uri: str, wait_s: floa
                         raise
                     time.sleep(0.5)
             client.set_tag(run_id, "vqtok.trial_status", row["status"])
-            if client.get_run(run_id).info.status == "RUNNING":
-                killed = row["status"] in ("STOPPED", "FINISHED")
-                client.set_terminated(run_id, "KILLED" if killed else "FAILED")
+            if client.get_run(run_id).info.status == "RUNNING":  # stopped at a report
+                ended = {"FINISHED": "FINISHED", "STOPPED": "KILLED"}
+                client.set_terminated(run_id, ended.get(row["status"], "FAILED"))
         except Exception as exc:  # the table matters more than one run's status
             print(f"[vqtok] trial {row['trial_id']}: MLflow update failed: {exc}", file=sys.stderr)
 
@@ -279,7 +286,34 @@ def _write_results(cfg: Config, tc: TuneConfig, base: dict, rows: list[dict], tr
     tracker.log_metrics({f"best/{tc.metric}": best[tc.metric]}, step=best["step"])
     tracker.set_tags({"vqtok.best_trial": best["trial_id"]})
     summary["best_config"] = str(path)
+    summary.update(_best_model(study_dir / "trials" / best["trial_id"], best, tc, tracker))
     return summary
+
+
+def _best_model(trial_dir: Path, best: dict, tc: TuneConfig, tracker) -> dict:
+    """The best trial's eval metrics on the parent (`best/...`), its model's URI as a tag
+    and, with `tune.register_as`, in the model registry. {} when it has no model (a trial
+    stopped before its last step exports none)."""
+    from mlflow.tracking import MlflowClient
+
+    run_id = best.get("mlflow_run_id")
+    if not run_id or not (trial_dir / "model" / "MLmodel").is_file():
+        print(f"[vqtok] best trial {best['trial_id']} has no exported model (stopped before "
+              "train.steps): train best_config.yaml to get one", file=sys.stderr)  # fmt: skip
+        return {}
+    client = MlflowClient(tracking_uri=tracker.tracking_uri)
+    evals = {k: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith("eval/")}
+    tracker.log_metrics({f"best/{k}": v for k, v in evals.items()}, step=best["step"])
+    uri = f"runs:/{run_id}/model"
+    tracker.set_tags({"vqtok.best_model": uri})
+    out = {"best_model": uri}
+    if tc.register_as:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracker.tracking_uri)
+        version = mlflow.register_model(uri, tc.register_as)
+        out["registered"] = f"models:/{tc.register_as}/{version.version}"
+    return out
 
 
 def format_table(rows: list[dict], cols: list[str]) -> str:
@@ -313,5 +347,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"[vqtok] study folder: {cfg.run.run_dir}")
     if summary.get("best_config"):
         print(f"[vqtok] best config: {summary['best_config']}  (vqtok train it)")
+    if summary.get("best_model"):
+        print(f"[vqtok] best model: {summary['best_model']}"
+              + (f"  (registered: {summary['registered']})" if summary.get("registered") else ""))  # fmt: skip
     print(f"[vqtok] MLflow: mlflow ui --backend-store-uri {summary['tracking_uri']}")
     return 0 if summary["best"] else 1

@@ -54,6 +54,7 @@ class TuneConfig:
     search: str = "random"  # "random" | "optuna" (TPE; needs `pip install optuna`)
     seed: int | None = 0  # of the search algorithm; None: not reproducible
     space: dict = field(default_factory=dict)  # dotted config key -> {domain: args}
+    register_as: str | None = None  # register the best trial's model under this name
 
     def validate(self, train: Config) -> None:
         def check(ok: bool, key: str, value: Any, expected: str) -> None:

@@ -135,12 +135,30 @@ def test_two_trial_study_ends_with_best_config_and_nested_runs(tmp_path, ray_tun
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
     assert len(children) == 2 and len(runs) == 3
     assert {c.info.run_name for c in children} == {r["trial_id"] for r in rows}
-    assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
+    # a trial that ran every step is FINISHED with its model, even when ASHA stopped it at
+    # its last report (it exports before that report); only one stopped earlier is KILLED
+    by_name = {c.info.run_name: c for c in children}
+    for r in rows:
+        run = by_name[r["trial_id"]]
+        if r["status"] == "FINISHED":
+            assert run.info.status == "FINISHED", (r, run.info.status)
+            assert (study / "trials" / r["trial_id"] / "model" / "MLmodel").is_file()
+        else:
+            assert run.info.status == "KILLED", (r, run.info.status)
     assert all("eval/psnr" in c.data.metrics for c in children)
     assert parents[0].info.status == "FINISHED"
     assert json.loads(parents[0].data.params["tune.space"]) == tc.space
     artifacts = {a.path for a in client.list_artifacts(parent)}
     assert {"trials.csv", "trials.json", "best_config.yaml"} <= artifacts
+    # the winner: its model URI on the parent, loadable as printed, and registered
+    import mlflow
+
+    uri = summary["best_model"]
+    assert parents[0].data.tags["vqtok.best_model"] == uri
+    assert parents[0].data.metrics["best/eval/psnr"] == summary["best"]["eval/psnr"]
+    mlflow.set_tracking_uri(summary["tracking_uri"])
+    assert mlflow.pyfunc.load_model(uri) is not None
+    assert summary["registered"] == "models:/looc-tuned/1"
 
     # a trial ASHA stopped must not keep its CPUs (its placement group is freed). Ray frees
     # placement groups asynchronously (30 s was once not enough on 2 loaded cores); a group
