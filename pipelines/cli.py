@@ -43,11 +43,24 @@ def build_parser(verbs: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The verb's arguments. `key=value` overrides may come anywhere, before or after the
+    options (`vqtok train job.yaml --local train.steps=3`): argparse's subcommands stop the
+    positional list at the first option, so the ones after it are collected here."""
     # Build only the chosen verb's parser: one verb's optional import cannot break another.
     chosen = [a for a in argv if a in VERBS][:1]
-    args = build_parser(chosen or None).parse_args(argv)
+    parser = build_parser(chosen or None)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+        if len(overrides) < len(extra) or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*(args.overrides or []), *overrides]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
     return int(importlib.import_module(VERBS[args.verb][0]).run(args) or 0)
 
 

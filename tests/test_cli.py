@@ -29,3 +29,30 @@ def test_console_script_runs():
                          text=True, check=True)  # fmt: skip
     for verb in EXPECTED:
         assert verb in out.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, config, overrides, local",
+    [
+        (["train", "jobs/debug.yaml", "train.steps=3", "--local"], "jobs/debug.yaml",
+         ["train.steps=3"], True),
+        (["train", "jobs/debug.yaml", "--local", "train.steps=3", "optim.lr=0.1"],
+         "jobs/debug.yaml", ["train.steps=3", "optim.lr=0.1"], True),
+        (["train", "jobs/debug.yaml", "a.b=1", "--local", "c.d=2"], "jobs/debug.yaml",
+         ["a.b=1", "c.d=2"], True),
+    ],
+)  # fmt: skip
+def test_overrides_may_follow_options(argv, config, overrides, local):
+    """Issue 22 item 6: `vqtok train job.yaml --local train.steps=3` was 'unrecognized'."""
+    from pipelines.cli import parse
+
+    args = parse(argv)
+    assert str(args.config) == config and args.overrides == overrides and args.local is local
+
+
+def test_a_stray_word_after_options_is_still_an_error(capsys):
+    from pipelines.cli import parse
+
+    with pytest.raises(SystemExit) as done:
+        parse(["train", "jobs/debug.yaml", "--local", "oops"])
+    assert done.value.code == 2 and "unrecognized arguments: oops" in capsys.readouterr().err
