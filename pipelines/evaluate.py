@@ -44,15 +44,52 @@ def token_budget(quantizers: list[Quantizer], z_q) -> tuple[int, float]:
     return positions, bits / positions
 
 
-def recon_grid(x: torch.Tensor, x_hat: torch.Tensor, max_items: int = 4, max_frames: int = 4):
-    """uint8 (H, W, 3) image: rows = samples, columns = frames, originals left of recons."""
+def recon_grid(
+    x: torch.Tensor,
+    x_hat: torch.Tensor,
+    num_frames: torch.Tensor | None = None,
+    max_items: int = 4,
+    max_frames: int = 4,
+    min_width: int = 512,
+) -> np.ndarray:
+    """uint8 (H, W, 3) grid a person can read: per sample two rows, its input frames above
+    their reconstructions; columns are frames (labelled t=0, 1, ...). A clip's padded
+    frames (past `num_frames`) are not shown: their cells are hatched grey. Enlarged by an
+    integer nearest-neighbour factor to at least `min_width` pixels wide."""
     if x.dim() == 4:
         x, x_hat = x[:, :, None], x_hat[:, :, None]
     b, t = min(max_items, x.shape[0]), min(max_frames, x.shape[2])
-    pair = torch.cat([x[:b, :, :t], x_hat[:b, :, :t].clamp(-1, 1)], dim=2)  # (b, C, 2t, H, W)
-    rows = [torch.cat(list(pair[i].unbind(1)), dim=-1) for i in range(b)]  # (C, H, 2t·W)
-    img = torch.cat(rows, dim=-2)
-    return ((img.float() + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
+    h, w = x.shape[-2:]
+    real = [t] * b if num_frames is None else [min(t, int(n)) for n in num_frames[:b]]
+    to_u8 = lambda v: ((v.float().clamp(-1, 1) + 1) * 127.5).round().byte()  # noqa: E731
+    grid = torch.empty(3, 2 * b * h, t * w, dtype=torch.uint8)
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    hatch = torch.where((yy + xx) % 8 < 4, 96, 160).to(torch.uint8).expand(3, h, w)
+    for i in range(b):
+        for j in range(t):
+            for row, src in enumerate((x, x_hat)):
+                cell = to_u8(src[i, :, j].cpu()) if j < real[i] else hatch
+                y0 = (2 * i + row) * h
+                grid[:, y0 : y0 + h, j * w : (j + 1) * w] = cell
+    scale = max(1, -(-min_width // (t * w)))
+    grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    return _label(grid.permute(1, 2, 0).numpy(), b, t, h * scale, w * scale)
+
+
+def _label(img: np.ndarray, items: int, frames: int, h: int, w: int) -> np.ndarray:
+    """A header with the frame index over each column and "input"/"recon" at each row."""
+    from PIL import Image, ImageDraw
+
+    pad_top, pad_left = 14, 40
+    canvas = Image.new("RGB", (img.shape[1] + pad_left, img.shape[0] + pad_top), "white")
+    canvas.paste(Image.fromarray(img), (pad_left, pad_top))
+    draw = ImageDraw.Draw(canvas)
+    for j in range(frames):
+        draw.text((pad_left + j * w + 2, 1), f"t={j}", fill="black")
+    for r in range(2 * items):
+        draw.text((2, pad_top + r * h + h // 2 - 5), "input" if r % 2 == 0 else "recon",
+                  fill="black")  # fmt: skip
+    return np.asarray(canvas)
 
 
 def side_by_side_clip(x: torch.Tensor, x_hat: torch.Tensor, i: int, frames: int) -> np.ndarray:
@@ -162,8 +199,8 @@ def evaluate(
 
 def first_media(x: torch.Tensor, x_hat: torch.Tensor, batch: dict) -> dict[str, np.ndarray]:
     """A recon grid of the batch and, if it has clips of several frames, its longest clip."""
-    media = {"grid": recon_grid(x, x_hat)}
     real = batch.get("num_frames", torch.full((x.shape[0],), x.shape[2]))
+    media = {"grid": recon_grid(x, x_hat, torch.as_tensor(real))}
     i = int(torch.as_tensor(real).argmax())
     if int(real[i]) > 1:
         media["clip"] = side_by_side_clip(x, x_hat, i, int(real[i]))

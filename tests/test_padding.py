@@ -46,3 +46,26 @@ def test_pvqvae_pads_time_with_the_last_frame():
         torch.testing.assert_close(model.encode(image), model.encode(still))
         x_hat, _ = model(image)
     assert x_hat.shape == image.shape
+
+
+def test_recon_grid_shows_no_padded_frame_and_is_readable():
+    """Grids: input above recon, ≥ 512 px wide, a clip's padded frames hatched, not shown."""
+    import numpy as np
+
+    from pipelines.evaluate import recon_grid
+
+    x = torch.rand(2, 3, 4, 32, 32) * 2 - 1
+    x[1, :, 1:] = -1.0  # sample 1 is an image: one real frame, three of padding
+    grid = recon_grid(x, x.clone(), torch.tensor([4, 1]))
+    assert grid.dtype == np.uint8 and grid.shape[1] >= 512
+    scale = 4  # 4 frames × 32 px -> ×4 = 512 px, + the label margins
+    top, left = grid.shape[0] - 4 * 32 * scale, grid.shape[1] - 4 * 32 * scale
+    body = grid[top:, left:]
+    cell = lambda r, j: body[r * 32 * scale : (r + 1) * 32 * scale,  # noqa: E731
+                             j * 32 * scale : (j + 1) * 32 * scale]  # fmt: skip
+    expected = ((x[0, :, 2].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+    np.testing.assert_array_equal(cell(0, 2)[::scale, ::scale], expected)  # input, t = 2
+    for r in (2, 3):  # sample 1's rows: frame 0 shown, frames 1-3 hatched (2 greys only)
+        assert len(np.unique(cell(r, 0))) > 2
+        for j in (1, 2, 3):
+            assert set(np.unique(cell(r, j))) == {96, 160}
