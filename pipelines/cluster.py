@@ -1,8 +1,10 @@
 """`vqtok cluster up|down|status`: a one-machine cluster for `ray job submit`.
 
     vqtok cluster up [--dir runs/cluster] [--host 127.0.0.1] [--num-cpus N] [--num-gpus N]
-    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:PORT --working-dir . -- \
-        vqtok train jobs/demo.yaml data.shards=[$PWD/demo_data/train-*.tar] run.storage=$PWD/runs
+    export RAY_ADDRESS=http://127.0.0.1:PORT RAY_AUTH_MODE=token     # as `up` prints them
+    ray job submit --working-dir /abs/repo -- vqtok train jobs/demo.yaml \
+        'data.shards=[/abs/repo/demo_data/train-*.tar]' run.storage=/abs/repo/runs
+    ray job status|logs JOB_ID    # work as printed once the two variables are exported
     vqtok cluster status          # cluster.json + whether each part is alive
     vqtok cluster down            # stops only this cluster's processes
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -238,13 +241,21 @@ def up(folder: Path, host: str = "127.0.0.1", num_cpus: int | None = None,
             "artifacts": str(folder / "mlartifacts"),
             "log": str(logs / "mlflow.log"),
         },
-        "submit": (f"RAY_AUTH_MODE={auth_mode} ray job submit --address {dashboard} "
-                   "--working-dir . -- vqtok train "
-                   "jobs/demo.yaml data.shards=[$PWD/demo_data/train-*.tar] "
-                   "train.eval_shards=[$PWD/demo_data/val-*.tar] run.storage=$PWD/runs"),
+        "env": {"RAY_ADDRESS": dashboard, "RAY_AUTH_MODE": auth_mode},
+        "submit": submit_line(Path.cwd()),
     }  # fmt: skip
     state_path.write_text(json.dumps(state, indent=1))
     return state
+
+
+def submit_line(root: Path) -> str:
+    """The demo job's submit command with absolute, shell-quoted paths (right from any folder
+    and in any shell; the globs are expanded by vqtok, not the shell)."""
+    root = root.resolve()
+    args = ["ray", "job", "submit", "--working-dir", str(root), "--", "vqtok", "train",
+            "jobs/demo.yaml", f"data.shards=[{root}/demo_data/train-*.tar]",
+            f"train.eval_shards=[{root}/demo_data/val-*.tar]", f"run.storage={root}/runs"]  # fmt: skip
+    return shlex.join(args)
 
 
 def load_state(folder: Path) -> dict:
@@ -311,7 +322,10 @@ def _print_up(s: dict) -> None:
               "machines need that file (RAY_AUTH_TOKEN_PATH) or RAY_AUTH_TOKEN")  # fmt: skip
     else:
         print("  Ray token auth OFF: anyone who reaches the GCS port can run code here")
-    print(f"  submit (absolute paths: the job runs in an uploaded copy of .):\n    {s['submit']}")
+    env = " ".join(f"{k}={v}" for k, v in s["env"].items())
+    print(f"  export {env}   # then ray job submit / status / logs work as printed")
+    print(f"  submit (absolute paths: the job runs in an uploaded copy of the repo):\n"
+          f"    {s['submit']}")  # fmt: skip
     print(f"  logs: {ray['logs']['session']}  {ml['log']}")
     print(f"  stop: vqtok cluster down --dir {s['dir']}")
 

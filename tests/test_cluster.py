@@ -223,3 +223,17 @@ def test_cluster_up_submit_down():
     assert cluster_pids(state["cluster_id"]) == []
     recorded = [*state["ray"]["pids"].values(), state["mlflow"]["pid"]]
     assert not any(alive(p) for p in recorded)
+
+
+def test_submit_line_is_absolute_and_quoted(tmp_path):
+    """Issue 22 item 5: the printed line works from any folder and in zsh (globs quoted)."""
+    import shlex
+
+    from pipelines.cluster import submit_line
+
+    line = submit_line(tmp_path / "my repo")
+    words = shlex.split(line)
+    root = str((tmp_path / "my repo").resolve())
+    assert words[:5] == ["ray", "job", "submit", "--working-dir", root]
+    assert f"data.shards=[{root}/demo_data/train-*.tar]" in words
+    assert "'data.shards=[" in line  # the glob is quoted for the shell
