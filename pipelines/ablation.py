@@ -52,8 +52,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipelines.ablation_report import (
     DEFAULT_COLUMNS,
     RATE_COLUMNS,
@@ -66,7 +64,14 @@ from pipelines.ablation_report import (
     quantizer_label,
     variant_label,
 )
-from pipelines.config import Config, ConfigError, from_dict, validate
+from pipelines.config import (
+    Config,
+    ConfigError,
+    from_dict,
+    parse_override,
+    read_sections,
+    validate,
+)
 
 __all__ = ["Study", "format_table", "load_study", "quantizer_label", "run_study"]
 
@@ -99,18 +104,11 @@ def load_study(
 ) -> Study:
     """Every variant's validated Config; errors name the file, the variant and the key."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_sections(path)
     spec = raw.pop("ablation", None)
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: no `ablation:` section (study, scales, variants)")
-    pairs = []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        pairs.append((key.strip(), yaml.safe_load(value)))
+    pairs = [parse_override(item) for item in overrides]
     scale = scale or spec.get("scale")
     scales = spec.get("scales") or {}
     if scale is not None and scale not in scales:

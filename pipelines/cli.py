@@ -2,6 +2,10 @@
 
 Each verb lives in the module that does its work; this file only wires argparse to them.
 A verb module exposes `add_arguments(parser)` and `run(args) -> int`.
+
+Errors a user causes (a bad config file or override, a missing or unsafe checkpoint, a model
+that does not load) end as one line on stderr naming what was wrong, exit 2 for usage and 1
+for a run that failed; `--debug`, anywhere on the line, shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -59,9 +63,25 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+# exception class name -> exit code: the errors a user causes (see the module doc)
+USER_ERRORS = {"ConfigError": 2, "CheckpointError": 1, "ModelLoadError": 1, "ClusterError": 1,
+               "NonFiniteLossError": 1}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse(sys.argv[1:] if argv is None else argv)
-    return int(importlib.import_module(VERBS[args.verb][0]).run(args) or 0)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = parse([a for a in argv if a != "--debug"])
+    try:
+        return int(importlib.import_module(VERBS[args.verb][0]).run(args) or 0)
+    except Exception as exc:
+        code = next((USER_ERRORS[c.__name__] for c in type(exc).__mro__
+                     if c.__name__ in USER_ERRORS), None)  # fmt: skip
+        if debug or code is None:
+            raise
+        message = " ".join(str(exc).split())
+        print(f"vqtok {args.verb}: {message} (--debug for the traceback)", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

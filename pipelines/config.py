@@ -164,20 +164,41 @@ def read_sections(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return raw
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """PyYAML's error in one line: the problem and where (1-based line and column)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem}{where}"
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`key=value` -> (key, the value read as YAML, safe loader); a ConfigError naming the
+    override when it is not of that form or its value is not YAML (`optim.lr=[1,`)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML "
+                          f"({_yaml_problem(exc)}); quote it for the shell") from None  # fmt: skip
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults ← YAML at `path` ← `key=value` overrides; then validate every section."""
     raw: dict[str, Any] = read_sections(path) if path is not None else {}
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        set_dotted(raw, key.strip(), yaml.safe_load(value))
+        set_dotted(raw, *parse_override(item))
     cfg = from_dict(Config, raw, "")
     validate(cfg)
     return cfg

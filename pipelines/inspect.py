@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import Counter
 
@@ -123,4 +124,11 @@ def run(args: argparse.Namespace) -> int:
     )
     report = inspect_shards(cfg, args.max_errors)
     print(json.dumps(report, indent=2))
-    return 0 if report["samples_read"] else 1
+    if report["samples_read"]:
+        return 0
+    bad = report["bad_shards"]
+    why = (f"{len(bad)} of {report['shards']} shard(s) unreadable, e.g. "
+           f"{next(iter(bad))}: {next(iter(bad.values()))}" if bad
+           else f"no sample read from {report['shards']} shard(s): see skipped_by_reason")  # fmt: skip
+    print(f"vqtok inspect: nothing read: {why}", file=sys.stderr)
+    return 1

@@ -57,7 +57,14 @@ from typing import Any
 
 import yaml
 
-from pipelines.config import Config, ConfigError, from_dict, read_sections, set_dotted
+from pipelines.config import (
+    Config,
+    ConfigError,
+    from_dict,
+    parse_override,
+    read_sections,
+    set_dotted,
+)
 from pipelines.tune_space import TuneConfig, build_space, check_space, resolve, space_json
 
 
@@ -70,11 +77,7 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[Config, Tun
         raise ConfigError(f"tune: {path} needs a `tune:` mapping (metric, mode, space, ...)")
     tune_raw.setdefault("space", {})
     for item in overrides:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        value = yaml.safe_load(value)
+        key, value = parse_override(item)
         if key.startswith("tune.space."):  # space keys are dotted themselves: no nesting
             tune_raw["space"][key.removeprefix("tune.space.")] = value
         elif key.startswith("tune."):

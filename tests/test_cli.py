@@ -2,10 +2,13 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from pipelines.cli import VERBS, build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
 
 EXPECTED = {"demo", "demo-data", "shards", "inspect", "train", "eval", "tune", "quantizers",
             "cluster", "ablate", "tokenize", "detokenize"}  # fmt: skip
@@ -56,3 +59,41 @@ def test_a_stray_word_after_options_is_still_an_error(capsys):
     with pytest.raises(SystemExit) as done:
         parse(["train", "jobs/debug.yaml", "--local", "oops"])
     assert done.value.code == 2 and "unrecognized arguments: oops" in capsys.readouterr().err
+
+
+def _vqtok(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True,
+                          text=True, timeout=300, cwd=cwd)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case, args, code, says",
+    [
+        ("yaml syntax", ["train", "{bad}", "--local"], 2,
+         r"bad\.yaml: not valid YAML: .* at line 3, column \d+"),
+        ("override not yaml", ["train", "jobs/debug.yaml", "optim.lr=[1,", "--local"], 2,
+         r"override 'optim\.lr=\[1,': the value is not valid YAML"),
+        ("python tag", ["train", "jobs/debug.yaml", "optim.lr=!!python/object/apply:os.system [ls]"],
+         2, r"could not determine a constructor for the tag"),
+        ("missing model", ["eval", "--model", "/nonexistent", "--data", "x/*.tar"], 1,
+         r"/nonexistent: not an MLflow model URI"),
+        ("empty glob", ["inspect", "/nonexistent-dir/*.tar"], 1, r"nothing read: 1 of 1 shard"),
+    ],
+)  # fmt: skip
+def test_user_errors_are_one_line(tmp_path, case, args, code, says):
+    """Issue 21 item 4: each user mistake is one line on stderr naming what was wrong, exit 2
+    (usage) or 1 (run failed), no traceback."""
+    import re
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  flavour: [debug\noptim: {lr: 1}\n")
+    out = _vqtok(*[a.replace("{bad}", str(bad)) for a in args], cwd=ROOT)
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("vqtok ")]
+    assert out.returncode == code, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and len(lines) == 1, out.stderr[-2000:]
+    assert re.search(says, lines[0]), lines[0]
+
+
+def test_debug_shows_the_traceback():
+    out = _vqtok("eval", "--model", "/nonexistent", "--data", "x/*.tar", "--debug", cwd=ROOT)
+    assert out.returncode != 0 and "Traceback" in out.stderr and "ModelLoadError" in out.stderr
