@@ -361,7 +361,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("study", type=Path, help="a study file, e.g. jobs/pvq_ablation.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides (ablation.KEY=... too)")
     p.add_argument("--scale", default=None, help="a name under ablation.scales (tiny, cpu, gpu)")
-    p.add_argument("--variants", default=None, help="comma-separated subset, in this order: vq,pvq")
+    p.add_argument("--variants", default=None, help="a comma-separated subset of the study's "
+                   "variants (the names under ablation.variants), e.g. vq,pvq; default: all")  # fmt: skip
     p.add_argument("--local", action="store_true", help="one process per variant, no Ray")
 
 

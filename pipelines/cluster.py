@@ -304,7 +304,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"cluster folder: cluster.json, MLflow store, logs (default {DEFAULT_DIR}, "
                    "or $VQTOK_CLUSTER_DIR)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback)")
-    p.add_argument("--no-auth", action="store_true", help="RAY_AUTH_MODE=disabled (see --help)")
+    p.add_argument("--no-auth", action="store_true", help="RAY_AUTH_MODE=disabled: no token; anyone who reaches the "
+                   "GCS port can run code here (only on a trusted network)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs the head offers (default: all)")
     p.add_argument(
         "--num-gpus", type=int, default=None, help="GPUs the head offers (default: Ray's)"

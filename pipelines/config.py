@@ -156,6 +156,20 @@ class Config:
         return _plain(dataclasses.asdict(self))
 
 
+# one line per section of `Config`, for `vqtok train --help` (a test keeps it complete)
+SECTIONS = {
+    "model": "type + flavour + any field of the model's config (vqcore.models), quantizer spec",
+    "loss": "recon, quantizer, LPIPS (local weights), GAN + adaptive weight, teacher",
+    "disc": "discriminator type and fields (default: 3D for video, PatchGAN for images)",
+    "data": "shards (files, globs, s3://), resolutions and frame counts sampled per step, "
+            "batch size, decode workers",
+    "optim": "Adam(W), lr, warm-up then linear decay, clipping, gradient accumulation",
+    "train": "steps, precision, ZeRO stage, eval/ckpt/log cadence, EMA, eval shards",
+    "scaling": "Ray Train workers, CPUs/GPUs each, restarts after a failure",
+    "run": "name, storage folder, MLflow tracking URI and experiment, resume",
+}
+
+
 # --- loading ---------------------------------------------------------------------------------
 
 

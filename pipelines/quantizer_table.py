@@ -43,8 +43,8 @@ FAMILIES: dict[str, dict] = {
         "num_quantizers": 2,
         "inner": {"type": "lfq", "codebook_dim": 4},
     },
-    "pyramid-lfq (PVQ)": {"type": "pyramid", "inner": {"type": "lfq", "codebook_dim": 6}},
-    "pyramid-vq (PSVQ)": {"type": "pyramid", "inner": {"type": "vq", "codebook_size": 64}},
+    "pvq": {"type": "pyramid", "inner": {"type": "lfq", "codebook_dim": 6}},
+    "psvq": {"type": "pyramid", "inner": {"type": "vq", "codebook_size": 64}},
 }
 
 

@@ -243,16 +243,25 @@ def _check_identity(loaded: LoadedModel, info: dict, tar: Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="runs:/<id>/model, models:/<name>/<version>, a run, "
-                   "checkpoint or exported model folder (detokenize: default = the "
-                   "manifest's)")  # fmt: skip
-    p.add_argument("--data", nargs="+", help="tokenize: input shards (files, folders, globs)")
-    p.add_argument("--tokens", type=Path, help="detokenize: a token folder")
-    p.add_argument("--out", type=Path, required=True)
+    """`tokenize` and `detokenize` share this module; each verb gets its own arguments."""
+    if p.prog.endswith("detokenize"):
+        p.description = "Token shards back to mp4/png with the model that made them."
+        p.epilog = "example: vqtok detokenize --tokens tokens/ --out recon/"
+        p.add_argument("--tokens", type=Path, required=True, help="a folder `tokenize` wrote")
+        p.add_argument("--out", type=Path, required=True, help="folder for the mp4/png files")
+        p.add_argument("--model", help="default: the model named in the tokens' manifest")
+        p.add_argument("--max-samples", type=int, default=None, help="decode at most N")
+        return
+    p.description = "Shards -> token shards with a trained model (Ray Data actors)."
+    p.epilog = ("example: vqtok tokenize --model runs:/RUN_ID/model --data 'shards/*.tar' "
+                "--out tokens/")  # fmt: skip
+    p.add_argument("--model", required=True, help="runs:/<id>/model, models:/<name>/<version>, "
+                   "a run, checkpoint or exported model folder")  # fmt: skip
+    p.add_argument("--data", nargs="+", required=True, help="input shards (files, folders, globs)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the token shards")
     p.add_argument("--actors", type=int, default=2, help="model actors (0: no Ray)")
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="one GPU per actor, bf16 (default: when the Ray cluster has GPUs)")  # fmt: skip
-    p.add_argument("--max-samples", type=int, default=None, help="detokenize: at most N")
     p.add_argument(
         "overrides", nargs="*", help="data.key=value (e.g. data.resolutions=[[256,256]])"
     )
@@ -260,14 +269,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.verb == "detokenize":
-        if args.tokens is None:
-            raise SystemExit("vqtok detokenize: --tokens DIR is required")
         model = args.model or json.loads((args.tokens / MANIFEST).read_text())["model"]["source"]
         n = detokenize(load_model(model), args.tokens, args.out, args.max_samples)
         print(f"[vqtok] {n} samples decoded into {args.out}")
         return 0
-    if not args.model or not args.data:
-        raise SystemExit("vqtok tokenize: --model and --data are required")
     loaded = load_model(args.model)
     gpu = False
     if args.actors:

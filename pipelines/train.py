@@ -414,6 +414,16 @@ _WORKER_ENV = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from pipelines.config import SECTIONS
+
+    p.description = ("Train a tokenizer: Ray Train workers running DeepSpeed (or one process "
+                     "with --local), MLflow tracking, checkpoints under run.storage/run.name.")  # fmt: skip
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = "\n".join(
+        ["config sections (YAML sections, or key=value overrides such as optim.lr=3e-4):",
+         *(f"  {k:8s} {v}" for k, v in SECTIONS.items()),
+         "relative paths (shards, run.storage) resolve from the working directory.",
+         "example: vqtok train jobs/demo.yaml train.steps=200 optim.lr=1e-3 --local"])  # fmt: skip
     p.add_argument("config", type=Path, help="a jobs/*.yaml file")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4")
     p.add_argument("--local", action="store_true", help="one process, no Ray (same loop)")

@@ -97,3 +97,20 @@ def test_user_errors_are_one_line(tmp_path, case, args, code, says):
 def test_debug_shows_the_traceback():
     out = _vqtok("eval", "--model", "/nonexistent", "--data", "x/*.tar", "--debug", cwd=ROOT)
     assert out.returncode != 0 and "Traceback" in out.stderr and "ModelLoadError" in out.stderr
+
+
+def test_train_help_lists_every_config_section(capsys):
+    from pipelines.config import SECTIONS, Config
+
+    assert list(SECTIONS) == list(Config.__dataclass_fields__)
+    with pytest.raises(SystemExit):
+        build_parser(["train"]).parse_args(["train", "--help"])
+    out = capsys.readouterr().out
+    assert all(f"  {k} " in out for k in SECTIONS) and "example: vqtok train" in out
+
+
+def test_tokenize_and_detokenize_have_their_own_required_arguments(capsys):
+    for verb, required in (("tokenize", "--model"), ("detokenize", "--tokens")):
+        with pytest.raises(SystemExit) as done:
+            build_parser([verb]).parse_args([verb, "--out", "x"])
+        assert done.value.code == 2 and required in capsys.readouterr().err
