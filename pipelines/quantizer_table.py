@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 
 import numpy as np
@@ -88,15 +89,22 @@ def fit_and_score(spec: dict, train: torch.Tensor, test: torch.Tensor, steps: in
     }
 
 
-def quantizer_table(steps: int = 100, families: list[str] | None = None) -> list[dict]:
+def quantizer_table(
+    steps: int = 100, families: list[str] | None = None, progress: bool = False
+) -> list[dict]:
+    """One row per family; with `progress`, a line on stderr as each one is fitted."""
     train = torch.cat([photo_features(n) for n in TRAIN_PHOTOS])
     test = photo_features(TEST_PHOTO)
-    rows = []
-    for name in families or list(FAMILIES):
+    rows, names = [], families or list(FAMILIES)
+    for i, name in enumerate(names):
         try:
             rows.append({"family": name, **fit_and_score(FAMILIES[name], train, test, steps)})
         except ValueError as exc:  # a family not registered in this build
             rows.append({"family": name, "error": str(exc)})
+        if progress:
+            done = rows[-1].get("fit_s")
+            took = f"{done:.1f} s" if done is not None else "error"
+            print(f"[vqtok] {i + 1}/{len(names)} {name}: {took}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -126,5 +134,5 @@ def run(args: argparse.Namespace) -> int:
         f"scoring on held-out '{TEST_PHOTO}' ({args.steps} steps each)\n",
         flush=True,
     )
-    print(format_table(quantizer_table(args.steps, args.families)))
+    print(format_table(quantizer_table(args.steps, args.families, progress=True)))
     return 0
