@@ -60,6 +60,10 @@ class DataConfig:
     max_decode_side: int = 4096  # frames are never decoded larger than this
     max_member_bytes: int = MAX_MEMBER_BYTES  # a larger tar member is skipped unread: too_large
     backend: str = dec.DEFAULT_BACKEND  # "decord" or "pyav" (decord falls back to PyAV)
+    # False: every video's container header is read and wins over its JSON (`decode.sample_meta`;
+    # a header read costs about as much as decoding 4 frames at 32²). True: a complete JSON is
+    # used as is (shards `vqtok shards` wrote); missing metadata is probed either way
+    trust_metadata: bool = False
     seed: int = 42
     epoch: int = 0  # first epoch; each later pass over a Ray Dataset is the next one
     shuffle_files: bool = True  # new seeded shard order every epoch
@@ -102,7 +106,8 @@ class DataConfig:
 # ---------------------------------------------------------------- decode stage (shared)
 
 
-def _media(row: dict) -> tuple[str, bytes]:
+def media_of(row: dict) -> tuple[str, bytes]:
+    """(extension, bytes) of a sample's first video or image member; `BadSample(no_media)`."""
     for ext in dec.VIDEO_EXTS + dec.IMAGE_EXTS:
         value = row.get(ext)
         if isinstance(value, (bytes, bytearray, memoryview)):
@@ -120,12 +125,14 @@ def decode_sample(
     if isinstance(skip, str):
         reason, _, detail = skip.partition(": ")
         raise dec.BadSample(reason, detail)
-    meta = dec.parse_meta(row.get("json") if isinstance(row.get("json"), (bytes, str)) else None)
-    ext, data = _media(row)
+    ext, data = media_of(row)
+    raw = row.get("json") if isinstance(row.get("json"), (bytes, str)) else None
+    kind = "image" if ext in dec.IMAGE_EXTS else "video"
+    meta, _ = dec.sample_meta(raw, kind, data, trust=cfg.trust_metadata)
     out_hw = (spec.height, spec.width)
     rng = None if cfg.center else rng
     if ext in dec.IMAGE_EXTS:  # a clip of one frame
-        src_hw = dec.image_size(data)
+        src_hw = (meta.height, meta.width)
         top, left, bh, bw = smp.crop_box(rng, src_hw, out_hw, cfg.crop_scale)
         frames = dec.decode_image(data, (round(top), round(left), round(bh), round(bw)), out_hw)
         out[0] = frames[0]

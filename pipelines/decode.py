@@ -65,18 +65,81 @@ class Meta:
     source: str = ""
 
 
-def parse_meta(raw: bytes | str | dict | None) -> Meta:
-    """Parse and check a sample's JSON; raises `BadSample("bad_json" | "bad_dims")`."""
+def parse_meta(raw: bytes | str | dict | None, default_frames: int | None = None) -> Meta:
+    """Parse and check a sample's JSON; raises `BadSample("bad_json" | "bad_dims")`.
+    `default_frames`: the frame count when the JSON has none (1 for an image)."""
     try:
         obj = raw if isinstance(raw, dict) else json.loads(raw)
         if not isinstance(obj, dict):
             raise TypeError("not an object")
+        if default_frames is not None:
+            obj = {"frames": default_frames, **obj}
         frames, height, width = (int(obj[k]) for k in ("frames", "height", "width"))
         fps = float(obj.get("fps") or 0.0)
     except (TypeError, ValueError, KeyError, UnicodeDecodeError) as e:
         raise BadSample("bad_json", f"{type(e).__name__}: {e}") from None
     check_dims(height, width, frames)
     return Meta(frames, height, width, fps, str(obj.get("source", "")))
+
+
+def probe_video(data: bytes) -> Meta:
+    """Frames, size and fps of a video from its container's stream info (PyAV: headers,
+    no frame decoded): the frame count the container records, else duration × frame rate.
+    Raises `BadSample` (the same size caps as metadata)."""
+    import av
+
+    if not data:
+        raise BadSample("empty")
+    if sniff(data) in ("png", "jpg", "webp"):
+        raise BadSample("not_video", "an image in a video slot")
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = next(s for s in container.streams if s.type == "video")
+            height, width = stream.codec_context.height, stream.codec_context.width
+            rate = float(stream.average_rate or stream.guessed_rate or 0)
+            frames = int(stream.frames or 0)
+            if not frames and rate:
+                seconds = (float(stream.duration * stream.time_base) if stream.duration
+                           else (container.duration or 0) / 1e6)  # fmt: skip
+                frames = round(seconds * rate)
+    except StopIteration:
+        raise BadSample("not_video", "no video stream") from None
+    except Exception as e:  # noqa: BLE001 - FFmpeg raises many types for bad input
+        raise _classify_video_failure(data, e) from None
+    check_dims(height, width, frames)
+    return Meta(frames, height, width, rate, "probed")
+
+
+def sample_meta(
+    raw_json: bytes | str | None, kind: str, data: bytes, trust: bool = False
+) -> tuple[Meta, str]:
+    """(Meta, how): the sample's metadata checked against its media. WebDataset's convention
+    is that a sample is its files and metadata is optional, so shards from other tools
+    (img2dataset, video2dataset, a plain tar) read too. `how`: "json" (metadata present and
+    agreeing with the media), "probed" (missing or incomplete: read from the media headers),
+    "corrected" (present but contradicting the media: the media's values are used).
+    `trust`: a video's complete JSON is taken without reading its header ("json")."""
+    if trust and kind == "video":
+        try:
+            return parse_meta(raw_json), "json"
+        except BadSample:
+            pass
+    if kind == "image":
+        height, width = image_size(data)
+        probed = Meta(1, height, width, 0.0, "probed")
+    else:
+        probed = probe_video(data)
+    try:
+        meta = parse_meta(raw_json, default_frames=1 if kind == "image" else None)
+    except BadSample:
+        return probed, "probed"
+    same_size = (meta.height, meta.width) == (probed.height, probed.width)
+    if kind == "image":
+        return (meta if same_size else probed), ("json" if same_size else "corrected")
+    if same_size and meta.frames <= probed.frames:
+        return meta, "json"
+    return Meta(probed.frames, probed.height, probed.width, meta.fps or probed.fps,
+                meta.source), "corrected"  # fmt: skip
 
 
 def check_dims(height: int, width: int, frames: int = 1) -> None:

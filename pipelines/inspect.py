@@ -15,8 +15,8 @@ from collections import Counter
 
 import numpy as np
 
-from pipelines.data import DataConfig, decode_group
-from pipelines.decode import BACKENDS, DEFAULT_BACKEND, BadSample, parse_meta
+from pipelines.data import DataConfig, decode_group, media_of
+from pipelines.decode import BACKENDS, DEFAULT_BACKEND, IMAGE_EXTS, BadSample, sample_meta
 from pipelines.tars import check_shards, iter_tar_samples, list_shards
 
 
@@ -38,6 +38,7 @@ def inspect_shards(cfg: DataConfig, max_errors: int = 5) -> dict:
     t0 = time.perf_counter()
     check = check_shards(list_shards(cfg.shards))
     skipped, shapes, media, batch_shapes = Counter(), Counter(), Counter(), Counter()
+    metadata = Counter()  # how each sample's metadata was had: json / probed / corrected
     frames, durations, per_shard, read = [], [], {}, 0
     if check.bad:
         skipped["bad_shard"] = len(check.bad)
@@ -60,10 +61,14 @@ def inspect_shards(cfg: DataConfig, max_errors: int = 5) -> dict:
                 info["samples"] += 1
                 media.update(k for k in row if not k.startswith("__") and k != "json")
                 try:
-                    meta = parse_meta(row.get("json"))
+                    ext, data = media_of(row)
+                    raw = row.get("json") if isinstance(row.get("json"), (bytes, str)) else None
+                    meta, how = sample_meta(raw, "image" if ext in IMAGE_EXTS else "video", data)
+                    metadata[how] += 1
                     shapes[f"{meta.height}x{meta.width}"] += 1
                     frames.append(meta.frames)
-                    durations.append(json.loads(row["json"]).get("duration", 0.0))
+                    if meta.fps and meta.frames > 1:
+                        durations.append(meta.frames / meta.fps)
                 except (BadSample, TypeError, ValueError, AttributeError):
                     pass  # counted by the decode stage below
                 group.append(row)
@@ -86,6 +91,7 @@ def inspect_shards(cfg: DataConfig, max_errors: int = 5) -> dict:
         "skipped_by_reason": dict(sorted(skipped.items())),
         "per_shard": per_shard,
         "media": dict(sorted(media.items())),
+        "metadata": dict(sorted(metadata.items())),
         "source_shapes_hw": dict(shapes.most_common()),
         "frames": _summary(frames),
         "duration_s": _summary(durations),
