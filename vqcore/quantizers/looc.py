@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -52,6 +53,14 @@ from vqcore.quantizers.registry import register
 from vqcore.quantizers.vq import VQConfig
 
 GROUPINGS = ("channels", "patch")
+
+
+def _per_frame(fn, x: torch.Tensor) -> torch.Tensor:
+    """`fn` of an image batch (B, C, H, W), applied to each frame of a clip (B, C, T, H, W)."""
+    if x.dim() == 4:
+        return fn(x)
+    b, t = x.shape[0], x.shape[2]
+    return fn(x.transpose(1, 2).flatten(0, 1)).unflatten(0, (b, t)).transpose(1, 2)
 
 
 @dataclass
@@ -135,24 +144,16 @@ class LooCQuantizer(Quantizer):
         return pool(q_up, kernel_size=factors, stride=factors)
 
     def _unshuffle(self, z_up: torch.Tensor) -> torch.Tensor:
-        """"patch" grouping: (B, C, *S↑) -> (B, C·α², *S) by pixel_unshuffle of each frame."""
+        """The "patch" grouping: (B, C, *S↑) -> (B, C·α², *S) by pixel_unshuffle per frame."""
         if not self.patch:
             return z_up
-        if z_up.dim() == 4:
-            return F.pixel_unshuffle(z_up, self.alpha)
-        b, t = z_up.shape[0], z_up.shape[2]
-        y = F.pixel_unshuffle(z_up.transpose(1, 2).flatten(0, 1), self.alpha)
-        return y.unflatten(0, (b, t)).transpose(1, 2)
+        return _per_frame(partial(F.pixel_unshuffle, downscale_factor=self.alpha), z_up)
 
     def _shuffle(self, q: torch.Tensor) -> torch.Tensor:
         """Inverse of `_unshuffle`."""
         if not self.patch:
             return q
-        if q.dim() == 4:
-            return F.pixel_shuffle(q, self.alpha)
-        b, t = q.shape[0], q.shape[2]
-        y = F.pixel_shuffle(q.transpose(1, 2).flatten(0, 1), self.alpha)
-        return y.unflatten(0, (b, t)).transpose(1, 2)
+        return _per_frame(partial(F.pixel_shuffle, upscale_factor=self.alpha), q)
 
     def _bits(self, rank: int) -> float:
         """Codes per input position × log2 K: α^k · C/d ("channels", k = number of
