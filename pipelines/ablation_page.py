@@ -69,6 +69,10 @@ only when every seed of A beats every seed of B, i.e. the gap between the means 
 spread of both; `no` when every seed of B beats every seed of A; `inconclusive` otherwise,
 and always with a single seed (`direction` then says which way ours points). Where ours
 disagrees, the section says what we think the cause is; nothing was tuned to agree.
+Every row shows its rate (bits per pixel of RGB8's 24, the compression ratio) and bicubic
+down/up that keeps no more values, on the same frames (`bicubic at rate dB`); a variant
+marked ↓ reconstructs below it in every seed: at that rate it has not learned to beat
+resampling, and orderings involving it say little.
 """
 
 

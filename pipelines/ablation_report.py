@@ -49,11 +49,13 @@ METRICS: dict[str, tuple[str, str]] = {
     "train/total": ("final loss", "{:.4f}"),
     # the rate and what resampling does at it, on the same frames (vqcore/references.py)
     "eval/compression_ratio": ("ratio ×", "{:.1f}"),
+    "eval/bits_per_pixel": ("bits/pixel", "{:.3g}"),
     "eval/reference_rate_psnr": ("bicubic at rate dB", "{:.2f}"),
     "eval/beats_rate": ("beats bicubic", "{:.2f}"),
 }
 # shown on every study's table, after its own columns
-RATE_COLUMNS = ("eval/compression_ratio", "eval/reference_rate_psnr", "eval/beats_rate")
+RATE_COLUMNS = ("eval/bits_per_pixel", "eval/compression_ratio", "eval/reference_rate_psnr",
+                "eval/beats_rate")  # fmt: skip
 DEFAULT_COLUMNS = ("eval/psnr", "eval/ssim", "eval/lpips", "eval/quantizer_usage",
                    "eval/bits_per_token")  # fmt: skip
 
@@ -139,7 +141,8 @@ def format_table(
 ) -> str:
     """Markdown table of the summary rows: a metric column per key of `columns` that some row
     has, mean ± std over seeds; `reference` = {title, values: {variant: text}} adds the
-    paper's column; then seeds, steps, mean time per run and status."""
+    paper's column; then seeds, steps, mean time per run and status. A variant marked ↓
+    reconstructs below bicubic at its own rate in every seed (`eval/beats_rate`)."""
     keys = [k for k in columns if any(k in r.get("stats", {}) for r in summary)]
     head = ["variant", "quantizer", *(METRICS.get(k, (k, ""))[0] for k in keys)]
     ref = (reference or {}).get("values") or {}
@@ -149,7 +152,8 @@ def format_table(
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in summary:
         stats = r.get("stats", {})
-        cells = [r["variant"], r.get("quantizer", "")]
+        below = stats.get("eval/beats_rate", {}).get("max", 1.0) < 1.0  # no seed beats it
+        cells = [f"{r['variant']} ↓" if below else r["variant"], r.get("quantizer", "")]
         cells += [_stat_cell(stats.get(k), METRICS.get(k, (k, "{:.4g}"))[1]) for k in keys]
         if ref:
             cells.append(str(ref.get(r["variant"], "—")))

@@ -157,6 +157,16 @@ def test_table_on_fixed_numbers():
     assert "paper" not in format_table(summary, ["eval/psnr"])
 
 
+def test_rows_below_bicubic_at_their_rate_are_marked():
+    runs = [_run("x", 0, 20.0) | {"metrics": {"eval/psnr": 20.0, "eval/beats_rate": 0.0,
+                                              "eval/bits_per_pixel": 1.5}},
+            _run("y", 0, 25.0) | {"metrics": {"eval/psnr": 25.0, "eval/beats_rate": 1.0,
+                                              "eval/bits_per_pixel": 1.5}}]  # fmt: skip
+    lines = format_table(aggregate(runs), ["eval/psnr", "eval/bits_per_pixel"]).splitlines()
+    assert lines[0].startswith("| variant | quantizer | PSNR dB | bits/pixel |")
+    assert lines[2].startswith("| x ↓ |") and lines[3].startswith("| y |")
+
+
 def test_ordering_verdicts_on_fixed_numbers():
     s = aggregate(RUNS)
     yes = check_ordering(s, "a", "b", "eval/psnr", True)  # a: 30-32, b: 28-29.5

@@ -134,6 +134,7 @@ def test_compression_ratio_and_masked_frames():
     assert out["psnr"] == pytest.approx(100.0) and out["frames"] == 2
     # 8 bits × 3 channels × 2·16·16 real pixels / (16 tokens × 10 bits): padding is not data
     assert out["compression_ratio"] == pytest.approx(24 * 512 / 160)
+    assert out["bits_per_pixel"] == pytest.approx(160 / 512)
     assert out["bits_per_token"] == 10.0 and out["codebook_usage"] == 1.0
 
 

@@ -381,5 +381,6 @@ class ReconMetrics:
         if s.get("tokens") is not None and s["tokens"] > 0:
             out["bits_per_token"] = (s["token_bits"] / s["tokens"]).item()
             out["compression_ratio"] = (24 * s["pixels"] / s["token_bits"]).item()
+            out["bits_per_pixel"] = (s["token_bits"] / s["pixels"]).item()  # of RGB8's 24
         self._references(out)
         return out
