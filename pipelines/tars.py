@@ -15,6 +15,7 @@ sample with a hostile member is yielded unread as `{"__key__", "__url__", "__ski
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 import re
@@ -70,16 +71,38 @@ def _keyed_members(tf: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, str, 
 
 
 def list_shards(patterns: Iterable[str]) -> list[str]:
-    """Expand files, folders (their `*.tar`) and globs into a sorted list; URIs pass as-is."""
+    """Expand files, folders (their `*.tar`) and globs into a sorted list, local paths and
+    URIs (`s3://`, `gs://`, `file://`...: `_list_uri`) alike."""
     out: set[str] = set()
     for pat in patterns:
         if "://" in pat:
-            out.add(pat)
+            out.update(_list_uri(pat))
         elif os.path.isdir(pat):
             out.update(os.path.join(pat, f) for f in os.listdir(pat) if f.endswith(".tar"))
         else:
             out.update(glob.glob(pat) or [pat])
     return sorted(out)
+
+
+def _list_uri(pattern: str) -> list[str]:
+    """A URI's shards through pyarrow.fs, the filesystem layer `_open` and Ray Data use for
+    the same URIs: a glob in the last path part is matched (fnmatch) against a listing of its
+    folder, a folder gives its `*.tar`, anything else passes as is (and fails when opened,
+    naming itself)."""
+    import pyarrow.fs
+
+    scheme = pattern[: pattern.index("://")]
+    fs, path = pyarrow.fs.FileSystem.from_uri(pattern)
+    uri = lambda p: f"{scheme}://{p}"  # noqa: E731 - file:///x keeps its third slash
+    folder, _, name = path.rpartition("/")
+    if not any(c in name for c in "*?["):
+        info = fs.get_file_info(path)
+        if info.type != pyarrow.fs.FileType.Directory:
+            return [pattern]
+        folder, name = path.rstrip("/"), "*.tar"
+    listing = fs.get_file_info(pyarrow.fs.FileSelector(folder or "/", allow_not_found=True))
+    return sorted(uri(i.path) for i in listing
+                  if i.type == pyarrow.fs.FileType.File and fnmatch.fnmatch(i.base_name, name))  # fmt: skip
 
 
 def _open(path: str):

@@ -278,3 +278,17 @@ def test_ray_streaming_split_covers_every_sample(ray_local, demo):
         t.join(timeout=120)
     everything = [k for b in iter_batches(cfg) for k in b["keys"]]
     assert sorted(keys[0] + keys[1]) == sorted(everything)
+
+
+def test_uri_globs_are_expanded(demo):
+    """Issue 27 item 1: `file://…/train-*.tar` (as `s3://…` on a cluster) through pyarrow.fs
+    gives the same shards and samples as the local glob; a folder URI gives its tars."""
+    from pipelines.tars import list_shards
+
+    local = list_shards([str(demo / "train-*.tar")])
+    uri = list_shards([f"file://{demo}/train-*.tar"])
+    assert uri == [f"file://{p}" for p in local] and len(uri) >= 1
+    assert set(list_shards([f"file://{demo}"])) >= set(uri)
+    assert list_shards([f"file://{demo}/nothing-*.tar"]) == []
+    keys = lambda shards: {k for b in iter_batches(_cfg(shards)) for k in b["keys"]}  # noqa: E731
+    assert keys([f"file://{demo}/train-*.tar"]) == keys([demo / "train-*.tar"])
