@@ -53,6 +53,36 @@ def read_discussions(text: str) -> dict[str, str]:
     return {m.group(1): m.group(2).strip() for m in re.finditer(pattern, text, re.S)}
 
 
+def read_sections(text: str) -> dict[str, str]:
+    """Each study's whole section of a RESULTS.md (from its `## ` heading to the end of its
+    discussion block), by study: kept when that study has no results here to write anew."""
+    out = {}
+    for chunk in re.split(r"(?m)^(?=## )", text):
+        m = re.search(r"<!-- /discussion:(\S+) -->", chunk)
+        if m:
+            out[m.group(1)] = chunk[: m.end()] + "\n"
+    return out
+
+
+VERDICT_ROW = re.compile(r"(?m)^\| [^|\n]+ > [^|\n]+ \|.*\| (yes|no|inconclusive) \|$")
+
+
+def reproduced_line(sections: dict[str, str]) -> str:
+    """One line: per study, the paper orderings reproduced beyond the seed spread out of those
+    checked (`yes` of yes/no/inconclusive rows), and the commit its runs are from."""
+    parts, yes_all, checked_all = [], 0, 0
+    for name, text in sections.items():
+        verdicts = VERDICT_ROW.findall(text)
+        if not verdicts:
+            parts.append(f"{name} not run")
+            continue
+        yes, rev = verdicts.count("yes"), re.search(r"(?m)^- git: (\S+)", text)
+        yes_all, checked_all = yes_all + yes, checked_all + len(verdicts)
+        parts.append(f"{name} {yes}/{len(verdicts)}" + (f" (runs at {rev.group(1)})" if rev else ""))
+    return (f"**Orderings reproduced beyond the seed spread**: {yes_all} of {checked_all} "
+            f"checked — {'; '.join(parts)}.\n")  # fmt: skip
+
+
 # --- the page: python -m pipelines.ablation_page [--out docs/RESULTS.md] ---------------
 
 PREAMBLE = """# Results: the seeds' headline comparisons at small scale
@@ -111,12 +141,14 @@ def study_plan(study) -> str:
 
 
 def results_page(study_files: list, scale: str = "cpu", previous: str = "") -> str:
-    """The whole docs/RESULTS.md: preamble, data sizes, one section per study file; the
-    discussion blocks of `previous` (the page as it was) are kept."""
+    """The whole docs/RESULTS.md: preamble, the reproduced fraction, data sizes, one section
+    per study file; the discussion blocks of `previous` (the page as it was) are kept, and
+    so is the whole section of a study with no results here."""
     from pipelines.ablation import load_study
     from pipelines.ablation_data import size_summary
 
-    sections, sizes = [], None
+    sections: dict[str, str] = {}
+    sizes = None
     for path in study_files:
         study = load_study(path, scale=scale)
         spec = study.spec
@@ -131,9 +163,14 @@ def results_page(study_files: list, scale: str = "cpu", previous: str = "") -> s
         info = {**spec, "title": spec.get("title", study.name),
                 "command": f"vqtok ablate {_relative(path)} --local",
                 "plan": study_plan(study)}  # fmt: skip
+        old = read_sections(previous).get(study.name)
+        if result is None and old is not None:  # not run here: the page's section stays
+            sections[study.name] = old
+            continue
         kept = read_discussions(previous).get(study.name, "")
-        sections.append(results_section({**info, "study": study.name}, result, kept))
-    return PREAMBLE + "\n" + data_section(sizes) + "\n".join(sections)
+        sections[study.name] = results_section({**info, "study": study.name}, result, kept)
+    return (PREAMBLE + "\n" + reproduced_line(sections) + "\n" + data_section(sizes)
+            + "\n".join(sections.values()))  # fmt: skip
 
 
 def _relative(path) -> str:

@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 from pipelines.ablation import format_table, load_study, quantizer_label, variant_label
-from pipelines.ablation_page import read_discussions, results_section
+from pipelines.ablation_page import (
+    read_discussions,
+    read_sections,
+    reproduced_line,
+    results_section,
+)
 from pipelines.ablation_report import (
     aggregate,
     check_ordering,
@@ -212,6 +217,12 @@ def test_results_page_and_section_on_fixed_numbers():
     assert "| a | q-a | 31.00 ± 1.00 |" in done
     page = f"# R\n\n{done}\n## Other\n"
     assert read_discussions(page) == {"s": "Ours agrees: b is smaller."}  # kept on rewrite
+    # a study with no results here keeps its whole section; the top line counts its verdicts
+    kept = read_sections(page)
+    assert list(kept) == ["s"] and kept["s"].startswith("## T\n") and "| a | q-a |" in kept["s"]
+    line = reproduced_line({**kept, "t": pending})
+    assert line.startswith("**Orderings reproduced beyond the seed spread**: 1 of 1 checked")
+    assert "s 1/1" in line and "t not run" in line
 
 
 def test_quantizer_labels():
