@@ -17,7 +17,8 @@ The recipe is the trainer's core without the GAN: Adam (betas 0.9, 0.95), linear
 warm-up then linear decay, gradients clipped at norm 1, L1 + the quantizer's loss, no loss on padding (the data
 path gives images their own T = 1 batches). HFSVQ follows its seed's Algorithm 1: both
 halves step on the same batch, F_L first. The curve scores the trainer's warmed-up EMA of the weights
-(`pipelines.loop.warmup_ema`) on the val clips' first `val_frames` frames (centred crops).
+(`pipelines.loop.warmup_ema`) on the val clips' first `val_frames` frames (centred crops;
+by default as many as a training clip has).
 """
 
 from __future__ import annotations
@@ -56,6 +57,13 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "pvqvae_fsq": {"type": "pvqvae", "flavour": "debug", "quantizer": FSQ_NEAR_PVQ},
     "vqvae": {"type": "image_tokenizer", "flavour": "vqvae_debug"},
     "looc_vae": {"type": "image_tokenizer", "flavour": "looc_vae_debug"},
+    # LooC at PQ-VAE's rate (16 bits a latent position: m 4 × log2 16, α 1): the debug
+    # flavour's α 2 stores its codes on the ×2 grid, as many bits as the pixels (ratio 1)
+    "looc_vae_rate6": {
+        "type": "image_tokenizer",
+        "flavour": "looc_vae_debug",
+        "quantizer": {"type": "looc", "codebook_size": 16, "alpha": 1},
+    },
     "hrvq_vae": {"type": "image_tokenizer", "flavour": "hrvq_vae_debug"},
     "pq_vae": {"type": "image_tokenizer", "flavour": "pq_vae_debug"},
     "hfsvq": {"type": "hfsvq", "flavour": "debug"},
@@ -110,7 +118,8 @@ class Budget:
     batch_size: int = 4
     resolution: int = 32
     frames: int = 4
-    val_frames: int = 8
+    val_frames: int = 0  # 0: the training length (a model trained on 4-frame clips is scored
+    # on 4-frame windows; see BENCHMARKS.md "Learning" for what longer windows do)
     ema_decay: float = 0.99
     seed: int = 0
 
@@ -135,8 +144,9 @@ def _step_fns(model: nn.Module, lr: float):
 
 
 def data(folder: Path, split: str, b: Budget, center: bool) -> DataConfig:
+    val_frames = b.val_frames or b.frames
     return DataConfig(shards=(str(folder / f"{split}-*.tar"),), resolutions=((b.resolution,) * 2,),
-                      frame_counts=(b.val_frames if center else b.frames,),
+                      frame_counts=(val_frames if center else b.frames,),
                       batch_size=8 if center else b.batch_size,
                       memory_budget_bytes=1 << 26, seed=b.seed, center=center)  # fmt: skip
 
