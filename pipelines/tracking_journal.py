@@ -36,6 +36,10 @@ KINDS = ("events", "metrics")
 _REJECTED = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "RESOURCE_DOES_NOT_EXIST"}
 _STEPPED_IMAGES = "step" in inspect.signature(MlflowClient.log_image).parameters
 
+# MLflow 3's UI opens an untyped experiment in its GenAI layout (traces, evaluation runs, an
+# assistant panel): vqtok's experiments are model training (the UI's experimentKind enum)
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
 
 class Journal:
     """Append-then-deliver log of one run directory for one tracking URI."""
@@ -309,7 +313,8 @@ class Journal:
             exp = self._client.get_experiment_by_name(name)
             if exp is None:
                 try:
-                    exp_id = self._client.create_experiment(name, self.artifact_location)
+                    exp_id = self._client.create_experiment(name, self.artifact_location,
+                                                            tags=EXPERIMENT_TAGS)  # fmt: skip
                 except MlflowException as e:  # created meanwhile by another process
                     if e.error_code != "RESOURCE_ALREADY_EXISTS":
                         raise

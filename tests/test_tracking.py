@@ -78,6 +78,9 @@ def test_local_store_roundtrip_resume_and_sync(tmp_path):
 
     client = MlflowClient(tracker.tracking_uri)
     run = client.get_run(run_id)
+    # a model-training experiment, not MLflow 3's GenAI layout (issue 22 item 2)
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
     assert run.info.status == "FINISHED" and run.data.tags["job"] == "test"
     assert run.data.params["model.quantizer.levels"] == "[4, 2]"
     assert run.data.params["optim.lr"] == "0.0001"
