@@ -349,6 +349,9 @@ def build_dataset(cfg: DataConfig, check: ShardCheck | None = None):
     first = sorted(check.good)[0]
     report = (first.rsplit("/", 1)[-1], check.first_keys[first], len(check.bad))
     shuffle = _epoch_shuffle(cfg.seed, cfg.epoch) if cfg.shuffle_files else None
+    # Ray Data logs "Starting execution" and the execution plan at every pass (every epoch
+    # of every worker's split): two lines an epoch that tell a user nothing (issue 22)
+    ray.data.DataContext.get_current().print_on_execution_start = False
     ds = ray.data.read_datasource(
         _tar_datasource(list(check.good), shuffle, cfg.max_member_bytes),
         num_cpus=cfg.num_cpus,
