@@ -190,17 +190,15 @@ def inference_data(loaded, shards: list[str], overrides: list[str]) -> DataConfi
     """The decode settings of tokenize/eval: the model's training data section (when known)
     <- `data.key=value` overrides, then one resolution and one frame count (the first of
     each), centred crops, first frames, shards in the order given."""
-    import yaml
-
-    from pipelines.config import from_dict
+    from pipelines.config import ConfigError, from_dict, parse_override
 
     data = {k: v for k, v in (loaded.data or {}).items() if k in DataConfig.__dataclass_fields__}
     data["shards"] = list(shards)
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not key.startswith("data.") or not sep:
-            raise SystemExit(f"only data.key=value overrides are taken, got {item!r}")
-        data[key.removeprefix("data.")] = yaml.safe_load(value)
+        key, value = parse_override(item)
+        if not key.startswith("data."):
+            raise ConfigError(f"only data.key=value overrides are taken, got {item!r}")
+        data[key.removeprefix("data.")] = value
     cfg = from_dict(DataConfig, data, "data")
     cfg.resolutions, cfg.frame_counts = cfg.resolutions[:1], cfg.frame_counts[:1]
     cfg.center, cfg.shuffle_files = True, False

@@ -306,6 +306,7 @@ def _best_model(trial_dir: Path, best: dict, tc: TuneConfig, tracker) -> dict:
         return {}
     client = MlflowClient(tracking_uri=tracker.tracking_uri)
     evals = {k: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith("eval/")}
+    evals.pop(tc.metric, None)  # logged as best/<metric> already
     tracker.log_metrics({f"best/{k}": v for k, v in evals.items()}, step=best["step"])
     uri = f"runs:/{run_id}/model"
     tracker.set_tags({"vqtok.best_model": uri})

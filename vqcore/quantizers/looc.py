@@ -105,7 +105,6 @@ class LooCQuantizer(Quantizer):
     def __init__(self, config: LooCConfig):
         super().__init__(config)
         self.codebook_dim = config.codebook_dim
-        self.num_subvectors = config.dim // config.codebook_dim  # m
         self.alpha = config.alpha
         self.patch = config.grouping == "patch"
         # channels of the map that is split: C at S↑, or C·α² at S after pixel_unshuffle
