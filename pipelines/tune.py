@@ -314,8 +314,17 @@ def _best_model(trial_dir: Path, best: dict, tc: TuneConfig, tracker) -> dict:
     if tc.register_as:
         import mlflow
 
-        mlflow.set_tracking_uri(tracker.tracking_uri)
-        version = mlflow.register_model(uri, tc.register_as)
+        # register_model reads the process's store: point the environment at the study's
+        # for the call (mlflow.set_tracking_uri would pin it for the rest of the process)
+        before = os.environ.get("MLFLOW_TRACKING_URI")
+        os.environ["MLFLOW_TRACKING_URI"] = tracker.tracking_uri
+        try:
+            version = mlflow.register_model(uri, tc.register_as)
+        finally:
+            if before is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = before
         out["registered"] = f"models:/{tc.register_as}/{version.version}"
     return out
 

@@ -156,8 +156,9 @@ def test_two_trial_study_ends_with_best_config_and_nested_runs(tmp_path, ray_tun
     uri = summary["best_model"]
     assert parents[0].data.tags["vqtok.best_model"] == uri
     assert parents[0].data.metrics["best/eval/psnr"] == summary["best"]["eval/psnr"]
-    mlflow.set_tracking_uri(summary["tracking_uri"])
-    assert mlflow.pyfunc.load_model(uri) is not None
+    with pytest.MonkeyPatch.context() as mp:  # not mlflow.set_tracking_uri: it would leak
+        mp.setenv("MLFLOW_TRACKING_URI", summary["tracking_uri"])  # into later tests
+        assert mlflow.pyfunc.load_model(uri) is not None
     assert summary["registered"] == "models:/looc-tuned/1"
 
     # a trial ASHA stopped must not keep its CPUs (its placement group is freed). Ray frees
