@@ -9,7 +9,7 @@ long), written as shards. A case decodes one random `--window`-frame window per 
 Prints one JSON object per case, then the ratios pipeline / raw for the same backend, by
 wall time (best run) and by CPU time (median; Ray's from `Dataset.stats()`, which on a
 shared machine is the fairer measure: it leaves out time the cores spent on others).
-Run by hand: `python benchmarks/data.py`; not part of the tests.
+Run by hand: `python -m benchmarks.data`; not part of the tests.
 
 Measured (2 shared cores, load 4-6 from other jobs, 32 clips 256² × 64 frames, 16-frame
 windows): raw decord 847 frames/s, raw PyAV 497 (decord ~1.2-1.7x faster: the default);
@@ -36,12 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.data import BatchStream, DataConfig, build_dataset, iter_batches
-from pipelines.decode import decode_video
-from pipelines.demo_data import pan_zoom_frames, photos
-from pipelines.sampling import frame_window
-from pipelines.shards import ShardSink, encode_h264, make_key
-from pipelines.tars import iter_tar_samples
+from pipelines.data.batches import BatchStream, DataConfig, build_dataset, iter_batches
+from pipelines.data.decode import decode_video
+from pipelines.data.demo_data import pan_zoom_frames, photos
+from pipelines.data.sampling import frame_window
+from pipelines.data.shards import ShardSink, encode_h264, make_key
+from pipelines.data.tars import iter_tar_samples
 
 
 def _rev() -> str:

@@ -68,22 +68,22 @@ for line in sys.stdin:
   echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" >>"$LOG"
 }
 
-B=benchmarks
+B="-m benchmarks"
 OPTS="--device $DEV --dtypes bf16 --fused-optim --channels-last"
 # in order of what matters most: the deadline cuts the tail
 # 1. the quantizer targets against vector-quantize-pytorch, fused search, eager
-step quantizers_fused 120 $PY $B/quantizers.py --device $DEV --fused $FUSED $Q
+step quantizers_fused 120 $PY $B.quantizers --device $DEV --fused $FUSED $Q
 # 2. the kernel's correctness tests on the GPU itself (compiled Triton, not the interpreter)
 step fused_tests 60 $PY -m pytest -q -p no:cacheprovider tests/test_ops_fused.py
 # 3. the PVQ-VAE step: eager; with activation checkpointing, eager and compiled in one process
 #    (the FLOPs are counted once per process)
-step train_eager 90 $PY $B/train_step.py $OPTS $STEP
-step train_ckpt 240 $PY $B/train_step.py $OPTS $STEP --grad-checkpoint --compile off,on \
+step train_eager 90 $PY $B.train_step $OPTS $STEP
+step train_ckpt 240 $PY $B.train_step $OPTS $STEP --grad-checkpoint --compile off,on \
   --profile /tmp/vqtok-prof
 # 4. the targets compiled (the roofline leaves eager rvq 19 % under its goal: little room)
-step quantizers_compiled 150 $PY $B/quantizers.py --device $DEV --fused $FUSED --compile on \
+step quantizers_compiled 150 $PY $B.quantizers --device $DEV --fused $FUSED --compile on \
   --no-reference $Q --cases $TARGETS
 # 5. 96 frames; the chunked torch search on the GPU (the fallback without Triton)
-step train_96_frames 90 $PY $B/train_step.py $OPTS $LONG --grad-checkpoint
-step quantizers_torch 60 $PY $B/quantizers.py --device $DEV --fused off --no-reference $Q
+step train_96_frames 90 $PY $B.train_step $OPTS $LONG --grad-checkpoint
+step quantizers_torch 60 $PY $B.quantizers --device $DEV --fused off --no-reference $Q
 echo "suite done after $SECONDS s: $(wc -l <"$RESULTS") results in $RESULTS" | tee -a "$LOG"

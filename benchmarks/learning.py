@@ -2,8 +2,8 @@
 a fixed budget and print, per family, the validation curve beside the trivial references at
 its own rate, as JSON lines (issue 25; figures in BENCHMARKS.md, "Learning").
 
-    python benchmarks/learning.py                           # every family, demo data
-    python benchmarks/learning.py --families pvqvae conv_ae --steps 1200 --every 200
+    python -m benchmarks.learning                           # every family, demo data
+    python -m benchmarks.learning --families pvqvae conv_ae --steps 1200 --every 200
 
 One line per family: `curve` (step, PSNR dB on the held-out frames), the final `psnr`/`ssim`,
 `bits_per_pixel`, `compression_ratio`, `reference_*` (each clip's mean colour and bicubic
@@ -17,14 +17,13 @@ The recipe is the trainer's core without the GAN: Adam (betas 0.9, 0.95), linear
 warm-up then linear decay, gradients clipped at norm 1, L1 + the quantizer's loss, no loss on padding (the data
 path gives images their own T = 1 batches). HFSVQ follows its seed's Algorithm 1: both
 halves step on the same batch, F_L first. The curve scores the trainer's warmed-up EMA of the weights
-(`pipelines.loop.warmup_ema`) on the val clips' first `val_frames` frames (centred crops;
+(`pipelines.training.loop.warmup_ema`) on the val clips' first `val_frames` frames (centred crops;
 by default as many as a training clip has).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,17 +32,16 @@ from typing import Any
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import device_name, emit, git_rev  # noqa: E402
-from pipelines.data import DataConfig, iter_batches  # noqa: E402
-from pipelines.evaluate import EvalAccumulator  # noqa: E402
-from pipelines.inputs import fold_frames, to_model_input  # noqa: E402
-from pipelines.loop import warmup_ema  # noqa: E402
-from pipelines.parallel import lr_lambda  # noqa: E402
-from vqcore.metrics import MetricsConfig  # noqa: E402
-from vqcore.models import build_model  # noqa: E402
-from vqcore.models.blocks import Decoder, Encoder, stage_strides  # noqa: E402
-from vqcore.quantizers import Quantized  # noqa: E402
+from benchmarks.common import device_name, emit, git_rev
+from pipelines.data.batches import DataConfig, iter_batches
+from pipelines.data.inputs import fold_frames, to_model_input
+from pipelines.inference.evaluate import EvalAccumulator
+from pipelines.training.loop import warmup_ema
+from pipelines.training.parallel import lr_lambda
+from vqcore.metrics import MetricsConfig
+from vqcore.models import build_model
+from vqcore.models.blocks import Decoder, Encoder, stage_strides
+from vqcore.quantizers import Quantized
 
 # the demo's PVQ (jobs/demo.yaml): LFQ's entropy weight 0.02 for batches of a few clips
 PVQ = {"type": "pyramid", "inner": {"type": "lfq", "entropy_weight": 0.02}, "scales": [4, 2, 1]}
@@ -129,12 +127,13 @@ def _schedule(opt: torch.optim.Optimizer, b: Budget) -> torch.optim.lr_scheduler
 
 
 def _step_fns(model: nn.Module, lr: float):
-    """[(optimiser, loss_fn(x))]: one pair, or HFSVQ's two halves (seed 000, Algorithm 1).
-    Adam with the trainer's defaults (`OptimConfig`: betas (0.9, 0.95))."""
+    """[(optimiser, loss_fn(x))]: one pair, or one per part of a model whose step updates
+    its parts in turn (`step_parts`: HFSVQ's two halves, seed 000, Algorithm 1). Adam with
+    the trainer's defaults (`OptimConfig`: betas (0.9, 0.95))."""
     adam = lambda params: torch.optim.Adam(params, lr, betas=(0.9, 0.95))  # noqa: E731
-    if hasattr(model, "low_loss"):
-        return [(adam(model.low_step_parameters()), lambda x: model.low_loss(x).loss),
-                (adam(model.high_step_parameters()), lambda x: model.high_loss(x).loss)]
+    if model.config.step_parts:
+        return [(adam(model.part_parameters(p)), lambda x, p=p: model.part_loss(p, x).loss)
+                for p in model.config.step_parts]  # fmt: skip
 
     def loss(x: torch.Tensor) -> torch.Tensor:
         x_hat, q = model(x)
@@ -211,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     args = p.parse_args(argv)
     if not any(args.data.glob("train-*.tar")):
-        from pipelines.demo_data import make_demo_data
+        from pipelines.data.demo_data import make_demo_data
 
         make_demo_data(args.data)
     budget = Budget(**{k: getattr(args, k) for k in vars(Budget())})

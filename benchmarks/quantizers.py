@@ -1,10 +1,10 @@
 """Forward + backward of every quantizer family, side by side with vector-quantize-pytorch.
 
-    python benchmarks/quantizers.py --device cuda --tokens 65536          # all cases
-    python benchmarks/quantizers.py --device cpu --tokens 8192 --cases vq_d256_k8192_ema
-    python benchmarks/quantizers.py --fused off      # the chunked torch search on CUDA too
-    python benchmarks/quantizers.py --compile on --no-reference   # ours under torch.compile
-    python benchmarks/quantizers.py --roofline H100 --tokens 65536   # no GPU: an H100 model
+    python -m benchmarks.quantizers --device cuda --tokens 65536          # all cases
+    python -m benchmarks.quantizers --device cpu --tokens 8192 --cases vq_d256_k8192_ema
+    python -m benchmarks.quantizers --fused off      # the chunked torch search on CUDA too
+    python -m benchmarks.quantizers --compile on --no-reference   # ours under torch.compile
+    python -m benchmarks.quantizers --roofline H100 --tokens 65536   # no GPU: an H100 model
 
 The issue-8 targets: vq_d256_k8192_ema; looc_d256_m32_k256 against vector-quantize-pytorch's
 32 heads x dim 8 sharing one 256-code codebook; lfq_2^16 (entropy loss on); hrvq_d256_2x90
@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import device_name, emit, git_rev, measure  # noqa: E402
-from vqcore.ops.nearest import use_fused  # noqa: E402
-from vqcore.quantizers import build  # noqa: E402
+from benchmarks.common import device_name, emit, git_rev, measure
+from vqcore.ops.nearest import use_fused
+from vqcore.quantizers import build
 
 # case -> (channels D, our config, vector-quantize-pytorch constructor or None)
 CASES: dict[str, tuple[int, dict, Callable | None]] = {

@@ -1,6 +1,6 @@
 """Samples/s and tokens/s of `vqtok tokenize` against the model alone on the same cores.
 
-    python benchmarks/tokenize_throughput.py [--model PATH|URI] [--clips 24] [--size 64] [--frames 8]
+    python -m benchmarks.tokenize_throughput [--model PATH|URI] [--clips 24] [--size 64] [--frames 8]
                                   [--actors 2] [--cpus 2]
 
 Cases (one JSON line each), on the same demo shards (pan/zoom H.264 clips and photos):
@@ -18,20 +18,18 @@ that name would shadow the standard library's `tokenize`, which `inspect` import
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import device_name, emit, git_rev  # noqa: E402
-from pipelines.batch_infer import decode_shard, inference_data, tokenize_batch  # noqa: E402
-from pipelines.demo_data import make_demo_data  # noqa: E402
-from pipelines.model_store import export_model, load_model  # noqa: E402
-from pipelines.tokenize import tokenize  # noqa: E402
-from vqcore.models import build_model  # noqa: E402
+from benchmarks.common import device_name, emit, git_rev
+from pipelines.data.demo_data import make_demo_data
+from pipelines.inference.batch_infer import decode_shard, inference_data, tokenize_batch
+from pipelines.inference.tokenize import tokenize
+from pipelines.store.models import export_model, load_model
+from vqcore.models import build_model
 
 
 def _model(spec: str | None, tmp: Path):
@@ -86,7 +84,7 @@ def main() -> None:
 
     run("tokenize_plain", tmp / "tok_plain", 0)
     if args.actors:
-        from pipelines.train import init_ray
+        from pipelines.cluster.connect import init_ray
 
         init_ray(num_cpus=args.cpus, log_to_driver=False)
         run("tokenize_ray_cold", tmp / "tok_ray1", args.actors)

@@ -1,9 +1,9 @@
 """Peak memory of one training step, estimated without the memory: fake tensors, real shapes.
 
-    python benchmarks/train_memory.py --models pvqvae:default --batch 4 --frames 16 \
+    python -m benchmarks.train_memory --models pvqvae:default --batch 4 --frames 16 \
         --size 256x256 --dtypes bf16 --checkpointing off,on
-    python benchmarks/train_memory.py --models pvqvae:default --batch 1 --frames 96 --checkpointing on
-    python benchmarks/train_memory.py --models pvqvae:default --frames 16 --size 64x64 \
+    python -m benchmarks.train_memory --models pvqvae:default --batch 1 --frames 96 --checkpointing on
+    python -m benchmarks.train_memory --models pvqvae:default --frames 16 --size 64x64 \
         --dtypes fp32 --checkpointing off --real
 
 The step is `train_step.py`'s (generator loss and Adam step, then the discriminator's), run
@@ -28,17 +28,14 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import emit, git_rev  # noqa: E402
-from benchmarks.train_step import (  # noqa: E402
+from benchmarks.common import emit, git_rev
+from benchmarks.train_step import (
     PEAK_TFLOPS,
     build_case,
     make_batch,

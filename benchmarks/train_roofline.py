@@ -1,6 +1,6 @@
 """Where a training step's time must go on a GPU, before one is lent: a roofline per operator.
 
-    python benchmarks/train_roofline.py --models pvqvae:default --batch 4 --frames 16 \
+    python -m benchmarks.train_roofline --models pvqvae:default --batch 4 --frames 16 \
         --size 256x256 --dtypes bf16
 
 The step is `train_step.py`'s, run once on fake tensors (shapes and dtypes only, nothing is
@@ -22,9 +22,7 @@ launch in microseconds, and nothing here saw a GPU.
 from __future__ import annotations
 
 import os
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -32,9 +30,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import emit, git_rev  # noqa: E402
-from benchmarks.train_step import (  # noqa: E402
+from benchmarks.common import emit, git_rev
+from benchmarks.train_step import (
     PEAK_TFLOPS,
     build_case,
     make_batch,

@@ -1,10 +1,10 @@
 """One tokenizer training step (generator + discriminator) of PVQ-VAE and image tokenizers.
 
-    python benchmarks/train_step.py --device cuda --models pvqvae:default --batch 1 \
+    python -m benchmarks.train_step --device cuda --models pvqvae:default --batch 1 \
         --frames 16 --size 256x256 --dtypes bf16 --compile off,on
-    python benchmarks/train_step.py --device cpu --models pvqvae:debug,image_tokenizer:vqvae_debug \
+    python -m benchmarks.train_step --device cpu --models pvqvae:debug,image_tokenizer:vqvae_debug \
         --frames 4 --size 32x32 --iters 3
-    python benchmarks/train_step.py --device cuda --models pvqvae:default --batch 4 --frames 16 \
+    python -m benchmarks.train_step --device cuda --models pvqvae:default --batch 4 --frames 16 \
         --grad-checkpoint --channels-last --fused-optim --compile on --profile runs/prof
 
 Per case (model × dtype × compile) one JSON line: median/p90 ms per step, clips/s, peak
@@ -20,7 +20,7 @@ backward), `--channels-last` (channels_last(_3d) weights and input), `--fused-op
 fused kernel), `--profile DIR` (torch.profiler over 3 steps: a Chrome trace in DIR and the
 top operators by self time in the JSON line). The quantizer's NaN check (a host sync) is off
 (VQCORE_CHECK_FINITE=0), as in vqtok's trainer, whose own check (latents and loss together,
-one read per step: `pipelines/objectives.py`) this step leaves out.
+one read per step: `pipelines/training/objectives.py`) this step leaves out.
 Runs with torch alone, on CUDA or CPU. Peak memory without a GPU: `train_memory.py`.
 """
 
@@ -30,7 +30,6 @@ import argparse
 import ast
 import importlib
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -38,10 +37,10 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import device_name, emit, git_rev, measure, sync  # noqa: E402
-from vqcore.models import build_model  # noqa: E402
-from vqcore.models.blocks import checkpoint_res_blocks  # noqa: E402
+from benchmarks.common import device_name, emit, git_rev, measure, sync
+from pipelines.data.inputs import autocast
+from vqcore.models import build_model
+from vqcore.models.blocks import checkpoint_res_blocks
 
 # dense peak TFLOP/s by device-name substring (first match): bf16 tensor cores; fp32 is TF32
 PEAK_TFLOPS = {
@@ -121,11 +120,11 @@ def _memory_format(kind: str) -> torch.memory_format:
 
 
 def make_step(model, fwd, disc, loss, opt_g, opt_d, x, device, dtype):
-    """A closure running one generator step and (with a discriminator) one D step."""
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    """A closure running one generator step and (with a discriminator) one D step: the
+    losses of `TokenizerObjective.micro_step` without DeepSpeed, so it runs with torch alone."""
 
     def step():
-        with autocast:
+        with autocast(device, dtype == "bf16"):
             x_hat, q = fwd(x)
             if loss is None:
                 g = F.l1_loss(x_hat.float(), x) + q.loss.float()
@@ -137,7 +136,7 @@ def make_step(model, fwd, disc, loss, opt_g, opt_d, x, device, dtype):
         g.backward()
         opt_g.step()
         if disc is not None and loss is not None:
-            with autocast:
+            with autocast(device, dtype == "bf16"):
                 d = loss.discriminator(x_hat.detach(), x, step=1, disc=disc).total
             opt_d.zero_grad(set_to_none=True)
             d.backward()

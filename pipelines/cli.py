@@ -18,23 +18,23 @@ import sys
 # and a verb's heavy imports (ray, deepspeed, mlflow) are paid only when it runs.
 VERBS: dict[str, tuple[str, str]] = {
     "demo": ("pipelines.demo", "demo data -> train a small PVQ-VAE on local Ray -> eval -> MLflow"),
-    "quantizers": ("pipelines.quantizer_table", "fit every quantizer to image patches; a table"),
-    "demo-data": ("pipelines.demo_data", "write the small offline demo data set as shards"),
-    "shards": ("pipelines.shards", "write WebDataset shards from videos and images"),
-    "inspect": ("pipelines.inspect", "read shards through the training decode path; print JSON"),
+    "quantizers": ("pipelines.studies.quantizer_table", "fit every quantizer to image patches; a table"),
+    "demo-data": ("pipelines.data.demo_data", "write the small offline demo data set as shards"),
+    "shards": ("pipelines.data.shards", "write WebDataset shards from videos and images"),
+    "inspect": ("pipelines.data.inspect", "read shards through the training decode path; print JSON"),
     "train": (
-        "pipelines.train",
+        "pipelines.training.launch",
         "train a tokenizer from a jobs/*.yaml config (Ray Train or --local)",
     ),
-    "eval": ("pipelines.evaluate", "evaluate a model on shards (Ray Data actors): metrics, grids"),
-    "tokenize": ("pipelines.tokenize", "shards -> token shards with a trained model (Ray Data)"),
-    "detokenize": ("pipelines.tokenize", "token shards -> videos/images, to check by eye"),
+    "eval": ("pipelines.inference.eval_job", "evaluate a model on shards (Ray Data actors): metrics, grids"),
+    "tokenize": ("pipelines.inference.tokenize", "shards -> token shards with a trained model (Ray Data)"),
+    "detokenize": ("pipelines.inference.tokenize", "token shards -> videos/images, to check by eye"),
     "tune": (
-        "pipelines.tune",
+        "pipelines.studies.tune",
         "search hyperparameters with Ray Tune (tune: section; ASHA, MLflow)",
     ),
-    "ablate": ("pipelines.ablation", "train one config with several quantizers; a results table"),
-    "cluster": ("pipelines.cluster", "a local Ray head + MLflow server for `ray job submit`"),
+    "ablate": ("pipelines.studies.ablation", "train one config with several quantizers; a results table"),
+    "cluster": ("pipelines.cluster.local", "a local Ray head + MLflow server for `ray job submit`"),
 }
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.data import DataConfig
+from pipelines.data.batches import DataConfig
 from vqcore.losses import TokenizerLossConfig
 
 
@@ -71,7 +71,6 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only at the end
     eval_batches: int = 4
     eval_shards: tuple[str, ...] = ()  # validation shards; empty = the training shards
-    image_every: int = 0  # reconstruction grid to MLflow every N steps; 0 = with eval
     # non-finite losses in a row (each skipped) that stop the run, with a checkpoint of the
     # weights from before the first; 0 = never stop
     max_nonfinite_steps: int = 20
@@ -107,7 +106,7 @@ class TrainConfig:
 class ScalingConfig:
     num_workers: int = 2
     use_gpu: bool = False
-    cpus_per_worker: float = 0.5  # < 1 on small machines, or Ray Data starves (RUNTIME.md)
+    cpus_per_worker: float = 0.5  # < 1 on small machines, or Ray Data starves (docs/RUNTIME.md)
     max_failures: int = 2  # worker-group restarts from the latest checkpoint; -1 = no limit
 
     def validate(self) -> None:
@@ -241,18 +240,6 @@ def save_config(cfg: Config, path: str | Path) -> Path:
     return path
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}: for MLflow params and tables."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 # --- helpers ---------------------------------------------------------------------------------
 
 
@@ -268,10 +255,8 @@ def _validate_model(spec: dict) -> None:
     from vqcore.quantizers import build
 
     try:
-        typed = model_config(spec)
-        for part in (typed, *(getattr(typed, n, None) for n in ("low", "high"))):
-            if hasattr(part, "quantizer_config"):
-                build(part.quantizer_config())
+        for quantizer in model_config(spec).quantizer_specs().values():
+            build(quantizer)
     except (ValueError, TypeError, KeyError) as exc:
         raise ConfigError(f"model: {exc}") from exc
 

@@ -18,7 +18,7 @@ JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
 
 def ensure_demo_data(out: Path) -> Path:
-    from pipelines.demo_data import make_demo_data
+    from pipelines.data.demo_data import make_demo_data
 
     if not (out / "manifest.json").is_file():
         print(f"[vqtok demo] writing demo shards to {out} ...", flush=True)
@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
-    from pipelines.train import fit
+    from pipelines.training.launch import fit
 
     t0 = time.perf_counter()
     data = ensure_demo_data(args.data.resolve())
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
           f"({where}, DeepSpeed ZeRO-{cfg.train.zero_stage}); run folder {cfg.run.run_dir}",
           flush=True)  # fmt: skip
     metrics = fit(cfg, local=args.local)
-    from pipelines.evaluate import reference_table
+    from pipelines.inference.evaluate import reference_table
 
     show = ["eval/psnr", "eval/ssim", "eval/lpips", "eval/codebook_usage",
             "eval/codebook_perplexity", "eval/bits_per_token", "eval/compression_ratio",

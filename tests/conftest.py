@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """The small offline demo set as shards: {"train": [glob], "val": [glob], "files": [...]}."""
-    from pipelines.demo_data import make_demo_data
+    from pipelines.data.demo_data import make_demo_data
 
     out = tmp_path_factory.mktemp("demo")
     make_demo_data(out, crops_per_photo=1, clips_per_photo=1, max_count=8)
@@ -29,7 +29,7 @@ def ray_local():
     """A private local Ray (2 CPUs, dashboard on loopback) for one test module."""
     import ray
 
-    from pipelines.train import init_ray
+    from pipelines.cluster.connect import init_ray
 
     init_ray(num_cpus=2, log_to_driver=False)
     yield
@@ -43,8 +43,8 @@ def debug_objective():
     from pathlib import Path
 
     from pipelines.config import load_config
-    from pipelines.objectives import build_objective
-    from pipelines.parallel import init_single_process_group, setup_accelerator
+    from pipelines.training.objectives import build_objective
+    from pipelines.training.parallel import init_single_process_group, setup_accelerator
 
     def build(*overrides: str):
         device = setup_accelerator(False)

@@ -8,21 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.ablation import format_table, load_study, quantizer_label, variant_label
-from pipelines.ablation_page import (
+from pipelines.config import ConfigError
+from pipelines.studies.ablation import format_table, load_study, quantizer_label, variant_label
+from pipelines.studies.ablation_page import (
     read_discussions,
     read_sections,
     reproduced_line,
     results_section,
 )
-from pipelines.ablation_report import (
+from pipelines.studies.ablation_report import (
     aggregate,
     check_ordering,
     check_orderings,
     format_orderings,
     format_results,
 )
-from pipelines.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "jobs" / "pvq_ablation.yaml"

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.ablation import load_study, run_study
-from pipelines.ablation_data import ensure_ablation_data, size_summary, source_of
 from pipelines.config import ConfigError
+from pipelines.studies.ablation import load_study, run_study
+from pipelines.studies.ablation_data import ensure_ablation_data, size_summary, source_of
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "jobs" / "pvq_ablation.yaml"

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.ablation import load_study
 from pipelines.config import Config, load_config
+from pipelines.studies.ablation import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -141,7 +141,7 @@ def test_kuberay_rayjob_runs_a_vqtok_job_config():
 
 
 def test_ray_temp_dir_stays_short(tmp_path):
-    from pipelines.cluster import MAX_TEMP_DIR, _ray_temp_dir
+    from pipelines.cluster.local import MAX_TEMP_DIR, _ray_temp_dir
 
     long_folder = tmp_path / ("x" * 40)
     temp = _ray_temp_dir(long_folder)
@@ -167,9 +167,9 @@ def _run(cmd: list, timeout: float, **kw) -> subprocess.CompletedProcess:
 def test_cluster_up_submit_down():
     from mlflow.tracking import MlflowClient
 
-    from pipelines.cluster import cluster_pids
-    from pipelines.demo_data import make_demo_data
-    from pipelines.procs import alive
+    from pipelines.cluster.local import cluster_pids
+    from pipelines.cluster.procs import alive
+    from pipelines.data.demo_data import make_demo_data
 
     # not under pytest's tmp_path: a concurrent pytest session may prune old basetemp
     # folders, and Ray's socket paths want a short temp dir
@@ -229,7 +229,7 @@ def test_submit_line_is_absolute_and_quoted(tmp_path):
     """Issue 22 item 5: the printed line works from any folder and in zsh (globs quoted)."""
     import shlex
 
-    from pipelines.cluster import submit_line
+    from pipelines.cluster.local import submit_line
 
     line = submit_line(tmp_path / "my repo")
     words = shlex.split(line)

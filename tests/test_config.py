@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from pipelines.config import ConfigError, flatten, load_config, save_config
+from pipelines.config import ConfigError, load_config, save_config
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
@@ -22,8 +22,7 @@ def test_resolved_config_round_trips(tmp_path):
     saved = save_config(cfg, tmp_path / "run" / "config.yaml")
     again = load_config(saved)
     assert again.to_dict() == cfg.to_dict()
-    flat = flatten(cfg.to_dict())
-    assert flat["train.steps"] == 3 and flat["data.batch_size"] == 2
+    assert again.train.steps == 3 and again.data.batch_size == 2
 
 
 @pytest.mark.parametrize(

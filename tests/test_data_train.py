@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from pipelines.data import DataConfig, build_dataset, iter_batches
-from pipelines.demo_data import make_demo_data
+from pipelines.data.batches import DataConfig, build_dataset, iter_batches
+from pipelines.data.demo_data import make_demo_data
 
 
 @pytest.mark.ray
@@ -24,7 +24,7 @@ def test_two_train_workers_share_the_epoch(tmp_path, monkeypatch):
     def _loop(config):
         import ray.train
 
-        from pipelines.data import BatchStream
+        from pipelines.data.batches import BatchStream
 
         stream = BatchStream(ray.train.get_dataset_shard("train"))
         shapes = set()
@@ -57,7 +57,7 @@ def test_two_train_workers_share_the_epoch(tmp_path, monkeypatch):
         trainer = TorchTrainer(
             _loop,
             train_loop_config={"out": str(tmp_path)},
-            # RUNTIME.md: on 2 cores, workers take a fraction of a CPU or Data starves
+            # docs/RUNTIME.md: on 2 cores, workers take a fraction of a CPU or Data starves
             scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.25}),
             datasets={"train": build_dataset(cfg)},
             run_config=RunConfig(name="data", storage_path=str(tmp_path / "runs")),

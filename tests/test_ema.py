@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from pipelines.loop import warmup_ema
+from pipelines.training.loop import warmup_ema
 
 
 def test_warmup_ema_follows_the_tensorflow_schedule_and_drops_the_init():

@@ -22,7 +22,7 @@ MARGINS = {"pvqvae": 2.0, "looc_vae": 2.0, "hrvq_vae": 2.5, "hfsvq": 2.5}
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
-    from pipelines.demo_data import make_demo_data
+    from pipelines.data.demo_data import make_demo_data
 
     out = tmp_path_factory.mktemp("learning")
     make_demo_data(out)

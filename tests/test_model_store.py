@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines.model_store import (
+from pipelines.store.models import (
     ModelLoadError,
     export_model,
     flatten_codes,
@@ -53,8 +53,8 @@ def test_corrupt_or_mismatched_weights_name_the_file(tmp_path):
 def test_image_model_tokens_per_frame_round_trip(tmp_path):
     """An image model (HFSVQ: nested codes of F_L and F_H) codes each real frame; the
     in-process tokenize -> detokenize equals its own reconstruction of each image."""
-    from pipelines.demo_data import make_demo_data
-    from pipelines.tokenize import detokenize_sample, iter_token_samples, tokenize
+    from pipelines.data.demo_data import make_demo_data
+    from pipelines.inference.tokenize import detokenize_sample, iter_token_samples, tokenize
 
     make_demo_data(tmp_path / "d", crops_per_photo=1, clips_per_photo=1, max_count=4)
     shards = sorted(str(p) for p in (tmp_path / "d").glob("val-*.tar"))

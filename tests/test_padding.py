@@ -52,7 +52,7 @@ def test_recon_grid_shows_no_padded_frame_and_is_readable():
     """Grids: input above recon, ≥ 512 px wide, a clip's padded frames hatched, not shown."""
     import numpy as np
 
-    from pipelines.evaluate import recon_grid
+    from pipelines.inference.evaluate import recon_grid
 
     x = torch.rand(2, 3, 4, 32, 32) * 2 - 1
     x[1, :, 1:] = -1.0  # sample 1 is an image: one real frame, three of padding

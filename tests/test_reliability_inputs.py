@@ -28,11 +28,11 @@ import pytest
 from PIL import Image
 
 from pipelines.cli import main as cli_main
-from pipelines.data import BatchStream, DataConfig, build_dataset, iter_batches
-from pipelines.decode import BadSample, decode_video
-from pipelines.inspect import inspect_shards
-from pipelines.shards import encode_h264
-from pipelines.tars import check_shards
+from pipelines.data.batches import BatchStream, DataConfig, build_dataset, iter_batches
+from pipelines.data.decode import BadSample, decode_video
+from pipelines.data.inspect import inspect_shards
+from pipelines.data.shards import encode_h264
+from pipelines.data.tars import check_shards
 
 MAX_MEMBER = 200_000  # bytes; the test's `max_member_bytes`
 CFG = {"resolutions": ((32, 32),), "frame_counts": (4,), "batch_size": 4, "min_frames": 1}
@@ -136,7 +136,7 @@ def _patch_size(data: bytearray, offset: int, size: int) -> None:
 
 @pytest.fixture(scope="module")
 def fuzz(tmp_path_factory):
-    """(shard folder, expected skips by reason, good keys)."""
+    """(shard folder, expected skips by reason, the keys to read, a key once per shard)."""
     root = tmp_path_factory.mktemp("fuzz")
     d = root / "shards"
     d.mkdir()
@@ -147,22 +147,26 @@ def fuzz(tmp_path_factory):
     good |= {f"c{i}" for i in range(4)}
     data = (d / "clean.tar").read_bytes()
     infos = tarfile.open(d / "clean.tar").getmembers()
-    bad = {  # name -> bytes; each must be refused whole (bad_shard)
+    bad = {  # name -> bytes; refused whole (bad_shard): nothing whole before the break
         "cut_empty": b"",
         "cut_in_first_header": data[:100],
         "cut_in_data_1": data[: infos[1].offset_data + 10],
-        "cut_in_data_5": data[: infos[5].offset_data + infos[5].size // 2],
-        "cut_in_header_4": data[: infos[4].offset + 300],  # tarfile ends quietly here
-        "cut_at_member_4": data[: infos[4].offset],  # no end-of-archive marker
         "gzip": gzip.compress(data),
         "random": np.random.default_rng(2).integers(0, 256, 20_000, dtype=np.uint8).tobytes(),
     }
+    cut = {  # name -> bytes; read up to the cut (cut_shard), the sample at the cut dropped
+        "cut_in_data_5": data[: infos[5].offset_data + infos[5].size // 2],  # c2.json: c0, c1
+        "cut_in_header_4": data[: infos[4].offset + 300],  # tarfile ends quietly: c0
+        "cut_at_member_4": data[: infos[4].offset],  # no end-of-archive marker: c0
+    }
+    kept = {"cut_in_data_5": ["c0", "c1"], "cut_in_header_4": ["c0"], "cut_at_member_4": ["c0"],
+            "huge_size": ["c0"], "size_swallows_header": ["c0"]}  # fmt: skip
     huge, swallow = bytearray(data), bytearray(data)
     _patch_size(huge, infos[2].offset, 2**40)
     end = infos[3].offset - infos[2].offset_data  # member 2's data blocks
     _patch_size(swallow, infos[2].offset, end + 1)  # eats member 3's header
-    bad |= {"huge_size": bytes(huge), "size_swallows_header": bytes(swallow)}
-    for name, blob in bad.items():
+    cut |= {"huge_size": bytes(huge), "size_swallows_header": bytes(swallow)}
+    for name, blob in (bad | cut).items():
         (d / f"{name}.tar").write_bytes(blob)
     _write_tar(
         d / "key_not_contiguous.tar",
@@ -170,6 +174,8 @@ def fuzz(tmp_path_factory):
     )
     _write_tar(d / "duplicate_member.tar", [("k.mp4", b"x"), ("k.mp4", b"y")])
     skips["bad_shard"] = len(bad) + 2
+    skips["cut_shard"] = len(cut)
+    good = sorted([*good, *(k for keys in kept.values() for k in keys)])  # with repeats
     return d, skips, good
 
 
@@ -184,11 +190,15 @@ def _tree(path: Path) -> set[str]:
 def test_shard_check_refuses_every_broken_tar(fuzz):
     d, skips, _ = fuzz
     check = check_shards(sorted(str(p) for p in d.glob("*.tar")))
-    assert sorted(Path(p).name for p in check.good) == ["clean.tar", "hostile.tar"]
-    assert len(check.bad) == skips["bad_shard"]
+    cut = {Path(p).stem: reason for p, reason in check.cut.items()}
+    assert sorted(Path(p).stem for p in check.good) == sorted(["clean", "hostile", *cut])
+    assert len(check.bad) == skips["bad_shard"] and len(cut) == skips["cut_shard"]
+    assert "after 2 samples" in cut["cut_in_header_4"]  # names where it broke
+    assert "1 samples before it kept" in cut["cut_in_header_4"]
+    assert "cut short" in cut["huge_size"] and "1099511627776 bytes" in cut["huge_size"]
+    assert check.samples[str(d / "cut_in_data_5.tar")] == 2
     why = {Path(p).stem: reason for p, reason in check.bad.items()}
-    assert "after 2 samples" in why["cut_in_header_4"]  # names what is lost
-    assert "cut short" in why["huge_size"] and "1099511627776 bytes" in why["huge_size"]
+    assert "0 samples before it kept" in why["cut_in_data_1"]
     assert "not a tar" in why["gzip"] and "not a tar" in why["cut_empty"]
     assert "not contiguous" in why["key_not_contiguous"]
     assert "duplicate member k.mp4" in why["duplicate_member"]
@@ -267,7 +277,7 @@ def test_video_stream_declaring_absurd_frames():
 @pytest.fixture(scope="module")
 def ray_local(tmp_path_factory):
     ray = pytest.importorskip("ray")
-    from pipelines.train import init_ray
+    from pipelines.cluster.connect import init_ray
 
     cwd = tmp_path_factory.mktemp("ray_cwd")
     env = dict(os.environ)

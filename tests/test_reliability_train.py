@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines import checkpoint as ckpt
 from pipelines.config import load_config
-from pipelines.loop import NonFiniteLossError
-from pipelines.train import fit
+from pipelines.store import checkpoint as ckpt
+from pipelines.training.launch import fit
+from pipelines.training.loop import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,7 @@ def _train_workers() -> set[int]:
 
 def _registered(run_dir: Path) -> str | None:
     """The checkpoint Ray Train has registered last (what a restarted group restores)."""
-    from pipelines.train import RAY_SNAPSHOT
+    from pipelines.training.launch import RAY_SNAPSHOT
 
     try:
         latest = json.loads((run_dir / RAY_SNAPSHOT).read_text())["latest_checkpoint_result"]
@@ -163,7 +163,7 @@ def save(obj, f, *a, **k):
     return real_save(obj, f, *a, **k)
 torch.save = save
 from pipelines.config import load_config
-from pipelines.train import fit
+from pipelines.training.launch import fit
 fit(load_config("jobs/debug.yaml", sys.argv[1:]), local=True)
 """
 
@@ -392,7 +392,7 @@ def test_skipped_step_changes_no_weight(debug_objective):
 def _poison(monkeypatch, bad) -> None:
     """NaN model inputs at the micro-steps (counted from 1) for which `bad(n)` holds: a
     real non-finite forward, injected at the loop's model-input seam."""
-    import pipelines.loop as loop
+    import pipelines.training.loop as loop
 
     real, calls = loop.to_model_input, {"n": 0}
 
@@ -456,8 +456,8 @@ def test_training_survives_the_tracking_server_dying(shards, tmp_path, caplog, m
 
     from mlflow.tracking import MlflowClient
 
-    from pipelines.mlflow_server import start_mlflow_server, stop_mlflow_server
-    from pipelines.tracking import sync_journal
+    from pipelines.tracking.server import start_mlflow_server, stop_mlflow_server
+    from pipelines.tracking.tracker import sync_journal
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

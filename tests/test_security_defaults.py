@@ -18,10 +18,12 @@ import pytest
 import torch
 import yaml
 
-from pipelines import cluster, mlflow_server, train
-from pipelines.checkpoint import CheckpointError, load_ema
 from pipelines.cli import build_parser
+from pipelines.cluster import connect
+from pipelines.cluster import local as cluster
 from pipelines.config import ConfigError, load_config
+from pipelines.store.checkpoint import CheckpointError, load_ema
+from pipelines.tracking import server as mlflow_server
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p for d in ("pipelines", "vqcore", "benchmarks") for p in (ROOT / d).rglob("*.py"))
@@ -155,7 +157,7 @@ def test_cluster_binds_loopback_with_auth_by_default(tmp_path):
 def test_init_ray_dashboard_binds_loopback():
     """Static (starting Ray is heavy; `test_reliability_inputs` checks the live URL): every
     host `init_ray` names is loopback."""
-    fn = ast.parse(inspect.getsource(train.init_ray).lstrip())
+    fn = ast.parse(inspect.getsource(connect.init_ray).lstrip())
     hosts = [
         v.value
         for node in ast.walk(fn)

@@ -5,7 +5,7 @@ term is logged and changes the encoder's gradient."""
 import pytest
 import torch
 
-from pipelines.model_store import export_model, load_model
+from pipelines.store.models import export_model, load_model
 from vqcore.models import build_model
 
 TEACHER = {"type": "image_tokenizer", "flavour": "vqvae_debug"}
@@ -21,7 +21,7 @@ def teacher_dir(tmp_path_factory):
 def _encoder_grads(obj, x):
     """The encoder's gradients of one generator loss (autograd.grad: no optimiser step, and
     nothing for DeepSpeed's gradient hooks to reduce)."""
-    from pipelines.objectives import quantizer_input
+    from pipelines.training.objectives import quantizer_input
 
     with quantizer_input(obj.model, obj.loss_fn) as z:
         x_hat, q = obj.model(x)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipelines.tracking import (
+from pipelines.tracking.tracker import (
     Tracker,
     flatten_params,
     start_mlflow_server,

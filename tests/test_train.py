@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines import checkpoint as ckpt
 from pipelines.config import ConfigError, load_config
-from pipelines.train import fit
+from pipelines.store import checkpoint as ckpt
+from pipelines.training.launch import fit
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 _JOBS = Path(__file__).resolve().parents[1] / "jobs"
@@ -203,7 +203,7 @@ def test_reusing_a_name_with_resume_never_is_an_error(shards, tmp_path):
 def test_workers_get_the_run_folder_resolved_on_the_driver(tmp_path, monkeypatch):
     """A relative `run.storage` (the demo's `runs`) must mean the driver's folder: resolved in
     a worker it put the MLflow store, metrics and model under the Ray session's directory."""
-    from pipelines.train import make_trainer
+    from pipelines.training.launch import make_trainer
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(_JOBS / "debug.yaml", ["run.storage=runs", "run.name=rel"])

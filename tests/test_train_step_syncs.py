@@ -1,5 +1,5 @@
 """Host syncs of one training micro-step (issue 8: "no host syncs in the step"), at the
-objective level (`pipelines/objectives.py`), in one process: the values vqtok's code reads
+objective level (`pipelines/training/objectives.py`), in one process: the values vqtok's code reads
 back, and the latent check that stays on the device inside one compiled graph. The skip of a
 non-finite step itself is tested in tests/test_reliability_train.py."""
 
@@ -56,7 +56,7 @@ def test_a_micro_step_reads_back_two_flags_only(debug_objective):
 def test_latent_check_flags_nan_on_the_device_in_one_compiled_graph():
     """The trainer's latent check reads nothing back: compiled with fullgraph=True (no break),
     a NaN latent reaches the quantizer as zeros and only the device flag says so."""
-    from pipelines.objectives import LatentCheck
+    from pipelines.training.objectives import LatentCheck
     from vqcore.models import build_model
 
     torch.manual_seed(0)

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from pipelines.config import ConfigError, load_config
-from pipelines.tune import load_study
-from pipelines.tune_space import check_key, parse_domain
+from pipelines.studies.tune import load_study
+from pipelines.studies.tune_space import check_key, parse_domain
 
 JOB = "jobs/tune_looc.yaml"
 
@@ -80,7 +80,7 @@ def test_key_outside_the_tree_and_missing_section(tmp_path):
 def ray_tune():
     import ray
 
-    from pipelines.train import init_ray
+    from pipelines.cluster.connect import init_ray
 
     before = os.environ.get("RAY_API_SERVER_ADDRESS")
     init_ray(num_cpus=2, log_to_driver=False)  # with the dashboard: see init_ray
@@ -97,8 +97,8 @@ def test_two_trial_study_ends_with_best_config_and_nested_runs(tmp_path, ray_tun
     import ray
     from mlflow.tracking import MlflowClient
 
-    from pipelines.demo_data import make_demo_data
-    from pipelines.tune import run_study
+    from pipelines.data.demo_data import make_demo_data
+    from pipelines.studies.tune import run_study
 
     data = tmp_path / "demo"
     make_demo_data(data, crops_per_photo=1, clips_per_photo=1, max_count=8)
@@ -164,7 +164,7 @@ def test_two_trial_study_ends_with_best_config_and_nested_runs(tmp_path, ray_tun
     # a trial ASHA stopped must not keep its CPUs (its placement group is freed). Ray frees
     # placement groups asynchronously (30 s was once not enough on 2 loaded cores); a group
     # that stays is a leak: one did while trials still restarted their worker group (see
-    # pipelines/tune_trial.py)
+    # pipelines/studies/tune_trial.py)
     for _ in range(90):
         if ray.available_resources().get("CPU", 0) >= 2 - 1e-6:
             break

@@ -1,10 +1,14 @@
-"""Config plumbing shared by the model configs: dict -> dataclass with named-key errors,
-and named flavours (a flavour is a complete config; keys given beside it override it)."""
+"""The base of the model configs (`TokenizerConfig`: how a model describes itself to an
+application) and their plumbing: dict -> dataclass with named-key errors, and named
+flavours (a flavour is a complete config; keys given beside it override it)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
+
+from vqcore.models.blocks import NORMS
 
 T = TypeVar("T")
 
@@ -82,3 +86,53 @@ def check_quantizer_spec(owner: str, quantizer: dict[str, Any], latent_dim: int)
             f"{owner}: quantizer dim {quantizer['dim']} != latent_dim {latent_dim} "
             "(leave 'dim' out; it is filled in)"
         )
+
+
+class TokenizerConfig:
+    """Base of the model configs, and all an application needs to know about a model
+    (so `pipelines/` never tests a model's type name):
+
+    - `takes_clips`: the model codes (B, C, T, H, W) clips; else frames (B, C, H, W), and an
+      application folds clips into frames;
+    - `step_parts`: `()`, the whole model is one part trained by the tokenizer loss
+      (`vqcore.losses.TokenizerLoss`: it has `last_layer()` for the adaptive GAN weight);
+      else the parts one training step updates in turn on the same batch, each with its own
+      optimiser over `model.part_parameters(p)` and loss `model.part_loss(p, x)` (HFSVQ's
+      Algorithm 1);
+    - `quantizer_specs()`: {label: registry spec with `dim`} of its quantizers (to check
+      them before a run, and for tables).
+
+    Subclasses are dataclasses that set `name` and `flavours` and define `build()`."""
+
+    name: ClassVar[str]
+    flavours: ClassVar[dict[str, Any]]
+    takes_clips: ClassVar[bool] = False
+    step_parts: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_dict(cls, spec: dict[str, Any] | TokenizerConfig | None):
+        return from_flavour(cls.name, cls, cls.flavours, spec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def quantizer_specs(self) -> dict[str, dict[str, Any]]:
+        return {"": self.quantizer_config()}
+
+    def check_trunk(self) -> None:
+        """Normalise and check the fields of a conv tokenizer's encoder/decoder trunk
+        (widths, norm, quantizer spec); a model config calls it from `__post_init__`."""
+        self.channel_mult = tuple(self.channel_mult)
+        self.quantizer = copy.deepcopy(self.quantizer)
+        check_positive_ints(self.name, self, ("in_channels", "channels", "num_res_blocks",
+                                              "latent_dim", "norm_groups"))  # fmt: skip
+        if self.norm not in NORMS:
+            raise ValueError(f"{self.name}: norm must be one of {NORMS}, got {self.norm!r}")
+        check_quantizer_spec(self.name, self.quantizer, self.latent_dim)
+
+    def quantizer_config(self) -> dict[str, Any]:
+        """The quantizer's registry spec with its `dim` (the model's latent width)."""
+        return {**self.quantizer, "dim": self.latent_dim}
+
+    def build(self):
+        raise NotImplementedError

@@ -20,7 +20,6 @@ line 1, a typo for F_L: it then computes X̂_l with the frozen model).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqcore.models.config import from_flavour
+from vqcore.models.config import TokenizerConfig
 from vqcore.models.image_tokenizer import ImageTokenizerConfig
 from vqcore.quantizers import Quantized
 
@@ -49,7 +48,13 @@ def _high_default() -> ImageTokenizerConfig:
 
 
 @dataclass
-class HFSVQConfig:
+class HFSVQConfig(TokenizerConfig):
+    """F_L, an image tokenizer, and F_H, one on the residual X − X̂_l; a training step
+    updates F_L and then F_H (`step_parts`)."""
+
+    name = "hfsvq"
+    step_parts = ("low", "high")
+
     low: ImageTokenizerConfig = field(default_factory=_low_default)  # F_L
     high: ImageTokenizerConfig = field(default_factory=_high_default)  # F_H on X − X̂_l
 
@@ -66,12 +71,8 @@ class HFSVQConfig:
                 f"({self.low.in_channels} vs {self.high.in_channels})"
             )
 
-    @classmethod
-    def from_dict(cls, spec: dict[str, Any] | HFSVQConfig | None) -> HFSVQConfig:
-        return from_flavour("hfsvq", cls, FLAVOURS, spec)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def quantizer_specs(self) -> dict[str, dict[str, Any]]:
+        return {"F_L": self.low.quantizer_config(), "F_H": self.high.quantizer_config()}
 
     def build(self) -> HFSVQ:
         return HFSVQ(self)
@@ -108,6 +109,13 @@ class HFSVQ(nn.Module):
 
     def high_step_parameters(self) -> Iterator[nn.Parameter]:
         return self.high.parameters()
+
+    # -- the parts one step updates in turn (TokenizerConfig.step_parts)
+    def part_parameters(self, part: str) -> Iterator[nn.Parameter]:
+        return getattr(self, f"{part}_step_parameters")()
+
+    def part_loss(self, part: str, x_bchw: torch.Tensor) -> HFSVQStep:
+        return getattr(self, f"{part}_loss")(x_bchw)
 
     def low_loss(self, x_bchw: torch.Tensor) -> HFSVQStep:
         """F_L step, eq. 9: ||X − D_L(Q_L(E_L(X)))||² + Q_L's loss. Touches only F_L."""
@@ -175,3 +183,4 @@ def _debug() -> HFSVQConfig:
 
 
 FLAVOURS: dict[str, HFSVQConfig] = {"default": HFSVQConfig(), "debug": _debug()}
+HFSVQConfig.flavours = FLAVOURS

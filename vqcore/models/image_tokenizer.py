@@ -15,8 +15,6 @@ and the reconstruction is cropped back.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqcore.models.blocks import NORMS, Decoder, Encoder, stage_strides
-from vqcore.models.config import check_positive_ints, check_quantizer_spec, from_flavour
+from vqcore.models.blocks import Decoder, Encoder, stage_strides
+from vqcore.models.config import TokenizerConfig
 from vqcore.quantizers import Quantized, build
 from vqcore.quantizers.base import Codes
 
@@ -41,8 +39,10 @@ def pad_to_multiple(x: torch.Tensor, multiples: tuple[int, ...]) -> torch.Tensor
 
 
 @dataclass
-class ImageTokenizerConfig:
+class ImageTokenizerConfig(TokenizerConfig):
     """Conv VQ tokenizer of images; the encoder/decoder follow VQGAN/CVQ-VAE (see blocks.py)."""
+
+    name = "image_tokenizer"
 
     in_channels: int = 3
     channels: int = 128  # width of the first level
@@ -58,16 +58,7 @@ class ImageTokenizerConfig:
     quantizer: dict[str, Any] = field(default_factory=lambda: {"type": "vq", "codebook_size": 1024})
 
     def __post_init__(self) -> None:
-        self.channel_mult = tuple(self.channel_mult)
-        self.quantizer = copy.deepcopy(self.quantizer)
-        check_positive_ints(
-            "image_tokenizer",
-            self,
-            ("in_channels", "channels", "num_res_blocks", "latent_dim", "norm_groups"),
-        )
-        if self.norm not in NORMS:
-            raise ValueError(f"image_tokenizer: norm must be one of {NORMS}, got {self.norm!r}")
-        check_quantizer_spec("image_tokenizer", self.quantizer, self.latent_dim)
+        self.check_trunk()
         strides = stage_strides(self.downsample, 1, dims=2)  # raises on a bad factor
         if len(strides) > len(self.channel_mult) - 1:
             raise ValueError(
@@ -75,16 +66,6 @@ class ImageTokenizerConfig:
                 f"{len(strides) + 1} levels, channel_mult has "
                 f"{len(self.channel_mult)}"
             )
-
-    def quantizer_config(self) -> dict[str, Any]:
-        return {**self.quantizer, "dim": self.latent_dim}
-
-    @classmethod
-    def from_dict(cls, spec: dict[str, Any] | ImageTokenizerConfig | None) -> ImageTokenizerConfig:
-        return from_flavour("image_tokenizer", cls, FLAVOURS, spec)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     def build(self) -> ImageTokenizer:
         return ImageTokenizer(self)
@@ -178,3 +159,4 @@ FLAVOURS: dict[str, ImageTokenizerConfig] = {}
 for _name, (_full, _debug) in _QUANTIZERS.items():
     FLAVOURS[_name] = _flavour(_full, debug=False)
     FLAVOURS[f"{_name}_debug"] = _flavour(_debug, debug=True)
+ImageTokenizerConfig.flavours = FLAVOURS

@@ -32,8 +32,6 @@ encoder/decoder heads run on the whole latent map.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import partial
@@ -44,7 +42,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqcore.models.blocks import (
-    NORMS,
     Decoder,
     Encoder,
     conv,
@@ -52,7 +49,7 @@ from vqcore.models.blocks import (
     norm_layer,
     stage_strides,
 )
-from vqcore.models.config import check_positive_ints, check_quantizer_spec, from_flavour
+from vqcore.models.config import TokenizerConfig
 from vqcore.models.image_tokenizer import pad_to_multiple
 from vqcore.models.tiling import tiled
 from vqcore.quantizers import Quantized, build
@@ -63,7 +60,10 @@ __all__ = ["FLAVOURS", "PVQVAE", "PVQVAEConfig"]
 
 
 @dataclass
-class PVQVAEConfig:
+class PVQVAEConfig(TokenizerConfig):
+    name = "pvqvae"
+    takes_clips = True
+
     in_channels: int = 3
     channels: int = 64  # width of the first level
     channel_mult: tuple[int, ...] = (1, 2, 2, 4, 4, 8)  # one level per stage + 1
@@ -94,16 +94,7 @@ class PVQVAEConfig:
     tile_overlap: int = 64  # pixels (multiple of spatial_factor)
 
     def __post_init__(self) -> None:
-        self.channel_mult = tuple(self.channel_mult)
-        self.quantizer = copy.deepcopy(self.quantizer)
-        check_positive_ints(
-            "pvqvae",
-            self,
-            ("in_channels", "channels", "num_res_blocks", "latent_dim", "norm_groups"),
-        )
-        if self.norm not in NORMS:
-            raise ValueError(f"pvqvae: norm must be one of {NORMS}, got {self.norm!r}")
-        check_quantizer_spec("pvqvae", self.quantizer, self.latent_dim)
+        self.check_trunk()
         strides = stage_strides(self.spatial_factor, self.temporal_factor, dims=3)
         if len(self.channel_mult) < len(strides) + 1:
             raise ValueError(
@@ -126,16 +117,6 @@ class PVQVAEConfig:
             group_stages(strides, self.channel_mult, self.decoder_blocks)  # raises if too many
         if self.use_dwt:
             filter_bank(self.wavelet)  # an unknown name fails here, naming the wavelet
-
-    def quantizer_config(self) -> dict[str, Any]:
-        return {**self.quantizer, "dim": self.latent_dim}
-
-    @classmethod
-    def from_dict(cls, spec: dict[str, Any] | PVQVAEConfig | None) -> PVQVAEConfig:
-        return from_flavour("pvqvae", cls, FLAVOURS, spec)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     def build(self) -> PVQVAE:
         return PVQVAE(self)
@@ -312,3 +293,4 @@ FLAVOURS: dict[str, PVQVAEConfig] = {
         tile_overlap=8,
     ),
 }
+PVQVAEConfig.flavours = FLAVOURS

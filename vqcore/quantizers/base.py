@@ -34,7 +34,7 @@ def check_finite_enabled() -> bool:
     every call), and never while torch.compile traces. The test reads z back on the host,
     one sync per forward on a GPU: the benchmarks turn it off. A caller that checks z itself
     turns it off for one quantizer instead (`Quantizer.check_finite`): vqtok's trainer, whose
-    all-reduced check of the latents runs first (`pipelines/objectives.py`)."""
+    all-reduced check of the latents runs first (`pipelines/training/objectives.py`)."""
     if os.environ.get(CHECK_FINITE_ENV, "1").strip() == "0":
         return False
     return not torch.compiler.is_compiling()

@@ -1,0 +1,3 @@
+"""MLflow: `tracker` (runs that never fail the job because the store did), `journal` (the
+run folder's own record, synced to MLflow later), `media` (PNG, mp4, usage plots),
+`server` (a local MLflow server). Imports libraries only."""
