@@ -290,13 +290,26 @@ def safe_engine_loading(engine: Any) -> None:
     current.__class__ = _weights_only_engine_class()
 
 
-def check_loadable(path: Path) -> dict[str, Any]:
+def world_size(path: Path) -> int:
+    """How many ranks wrote a complete checkpoint (its COMPLETE marker)."""
+    return int(json.loads((path / COMPLETE).read_text())["world_size"])
+
+
+def check_loadable(path: Path, world: int | None = None) -> dict[str, Any]:
     """Fail with a clear error naming the file if a checkpoint folder is incomplete or any
-    file differs from its manifest (size, sha256); returns {"state": TrainState}."""
+    file differs from its manifest (size, sha256), or (with `world`) if another number of
+    ranks wrote it; returns {"state": TrainState}."""
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {path}")
     for name in ("train_state.json", "config.yaml"):
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
     verify(path)
+    if world is not None and (written := world_size(path)) != world:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {written} worker(s) and this run has {world}: "
+            f"its optimizer states are split {written} ways. Resume with "
+            f"scaling.num_workers={written}" + (" (without --local)" if written > 1 else "")
+            + ", or give a new run.name"
+        )
     return {"state": TrainState.from_file(path / "train_state.json")}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from pipelines.cluster.connect import init_ray
 from pipelines.config import Config, ConfigError, from_dict, load_config, save_config, validate
 from pipelines.store import checkpoint as ckpt
 from pipelines.training.loop import NonFiniteLossError, nonfinite_message, train_loop
+from pipelines.training.resume import newest_sound, reconcile, resume_checkpoint
 from pipelines.training.sessions import LocalSession, RaySession
 
 
@@ -61,14 +61,18 @@ def train_worker(config: dict) -> None:
 # --- the launcher (driver side) ---------------------------------------------------------
 
 
-def check_run_folder(cfg: Config) -> Path | None:
-    """Make reuse of a run name a visible choice: resume (default) or fail."""
-    found = ckpt.latest(cfg.run.run_dir)
-    if found is not None and cfg.run.resume == "never":
+def check_run_folder(cfg: Config, local: bool) -> Path | None:
+    """Make reuse of a run name a visible choice: resume (default) or fail. Returns the
+    checkpoint the run resumes from, chosen as the workers will choose it
+    (`pipelines.training.resume`)."""
+    if ckpt.latest(cfg.run.run_dir) is None:
+        return None
+    if cfg.run.resume == "never":
         raise ConfigError(
             f"run.name: {cfg.run.name!r} already has checkpoints in "
             f"{cfg.run.run_dir} and run.resume is 'never'"
         )
+    found = newest_sound(cfg.run.run_dir) if local else reconcile(cfg.run.run_dir)
     if found is not None:
         print(f"[vqtok] run '{cfg.run.name}' exists: resuming from {found}", file=sys.stderr)
     return found
@@ -108,7 +112,7 @@ def fit(cfg: Config, local: bool = False) -> dict:
     absolute_shards(cfg)
     validate(cfg)
     check_data(cfg)
-    check_run_folder(cfg)
+    check_run_folder(cfg, local)
     save_config(cfg, cfg.run.run_dir / "config.yaml")
     if local:
         session = LocalSession(cfg)
@@ -149,26 +153,6 @@ def _train_dataset(cfg: Config):
         except ckpt.CheckpointError:
             pass  # the loop's own check of the checkpoint names the file
     return build_dataset(replace(cfg.data, epoch=cfg.data.epoch + epoch))
-
-
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of its checkpoints
-
-
-def resume_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint a (re)started worker group resumes from: the one Ray registered last,
-    not merely the newest folder (a worker lost after its files were copied but before Ray
-    registered the report leaves a complete folder that Ray will not restore). Ray keeps
-    that record in its snapshot file; without the file Ray restores nothing."""
-    snap = run_dir / RAY_SNAPSHOT
-    if not snap.is_file():
-        return None
-    try:
-        latest = json.loads(snap.read_text())["latest_checkpoint_result"]
-        return None if latest is None else run_dir / latest["checkpoint_dir_name"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # another Ray's format
-        print(f"[vqtok] warning: cannot read {snap} ({exc!r}); using the newest checkpoint",
-              file=sys.stderr)  # fmt: skip
-        return ckpt.latest(run_dir)
 
 
 def make_trainer(cfg: Config, callbacks: list | None = None):

@@ -18,6 +18,7 @@ Non-finite losses skip the step on every rank (`objectives`), are counted
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import random
@@ -174,7 +175,7 @@ def train_loop(cfg: Config, session: Session) -> dict[str, float]:
     state = ckpt.TrainState(seed=cfg.train.seed)
     restore = session.restore_dir()
     if restore is not None:
-        state = ckpt.check_loadable(restore)["state"]
+        state = ckpt.check_loadable(restore, session.world_size)["state"]
         objective.load(restore)
         ckpt.load_ema(restore, ema)
         if session.rank == 0:
@@ -313,7 +314,18 @@ def run_eval(cfg: Config, session: Session, model, objective, device, step: int)
 
 
 def _say(text: str) -> None:
-    os.write(sys.stderr.fileno(), f"[vqtok] {text}\n".encode())
+    _stderr(f"[vqtok] {text}\n")
+
+
+def _stderr(line: str) -> None:
+    """To the raw descriptor: Ray Train V2 tees Python-level streams, which printed each
+    line twice. Where stderr has no descriptor (a notebook, a captured test), to the stream."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        sys.stderr.write(line)
+        return
+    os.write(fd, line.encode())
 
 
 def _progress(step: int, total: int, m: dict, seconds_per_step: float) -> None:
@@ -328,5 +340,4 @@ def _progress(step: int, total: int, m: dict, seconds_per_step: float) -> None:
         f"[vqtok] step {step}/{total}  {loss}{recon}  "
         f"{m.get('train/clips_per_s', 0.0):.2f} clips/s  ETA {eta:.0f}s\n"
     )
-    # to the raw descriptor: Ray Train V2 tees Python-level streams, which printed it twice
-    os.write(sys.stderr.fileno(), line.encode())
+    _stderr(line)

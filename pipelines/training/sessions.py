@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pipelines.config import Config, from_dict
 from pipelines.store import checkpoint as ckpt
+from pipelines.training.resume import newest_sound
 
 
 class RunLog:
@@ -107,7 +108,7 @@ class LocalSession(Session):
         return self._stream
 
     def restore_dir(self) -> Path | None:
-        return ckpt.latest(self.run_dir)
+        return newest_sound(self.run_dir)
 
     def report(self, metrics: dict, checkpoint: Path | None) -> None:
         if checkpoint is not None:
