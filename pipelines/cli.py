@@ -6,12 +6,15 @@ A verb module exposes `add_arguments(parser)` and `run(args) -> int`.
 Errors a user causes (a bad config file or override, a missing or unsafe checkpoint, a model
 that does not load) end as one line on stderr naming what was wrong, exit 2 for usage and 1
 for a run that failed; `--debug`, anywhere on the line, shows the traceback instead.
+Ray, DeepSpeed and torch are quiet by default (their INFO lines and deprecation warnings);
+`--verbose`, anywhere on the line, lets them speak.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # verb -> (module, one-line help). Modules are imported lazily, so `vqtok --help` is fast
@@ -39,7 +42,10 @@ VERBS: dict[str, tuple[str, str]] = {
 
 
 def build_parser(verbs: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vqtok", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="vqtok", description=__doc__.splitlines()[0],
+        epilog="anywhere on the line: --debug (tracebacks), --verbose (Ray, DeepSpeed and torch "
+               "logs)")  # fmt: skip
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb in verbs or VERBS:
         module, help_text = VERBS[verb]
@@ -71,7 +77,9 @@ USER_ERRORS = {"ConfigError": 2, "CheckpointError": 1, "ModelLoadError": 1, "Clu
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    args = parse([a for a in argv if a != "--debug"])
+    if "--verbose" in argv:  # Ray, DeepSpeed and torch lines kept (pipelines.cluster.connect)
+        os.environ["VQTOK_VERBOSE"] = "1"
+    args = parse([a for a in argv if a not in ("--debug", "--verbose")])
     try:
         return int(importlib.import_module(VERBS[args.verb][0]).run(args) or 0)
     except Exception as exc:

@@ -125,6 +125,7 @@ class RunConfig:
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else a SQLite store in the run
     experiment: str = "vqtok"
     parent_run_id: str | None = None  # MLflow parent (a tune study's run); set by vqtok tune
+    system_metrics: bool = False  # CPU/GPU/memory/network of rank 0's node in the MLflow run
 
     def validate(self) -> None:
         _check(self.resume in ("auto", "never"), "run.resume", self.resume, "'auto' or 'never'")

@@ -44,11 +44,13 @@ def logged(tmp_path_factory):
         run_id = tracker.start("tiny", params={"model": cfg})
         out = export_model(model, cfg, root / "model", {"run_id": run_id},
                            data_cfg={"resolutions": [[32, 32]], "frame_counts": [4]})  # fmt: skip
-        tracker.log_artifact(out, "model")
+        tracker.log_model(out, "model")
+    model_id = mlflow.MlflowClient(uri).get_run(run_id).data.tags["vqtok.model_id"]
     with pytest.MonkeyPatch.context() as mp:  # not mlflow.set_tracking_uri: it would leak
         mp.setenv("MLFLOW_TRACKING_URI", uri)  # into later tests' default store
         version = mlflow.register_model(f"runs:/{run_id}/model", "tiny-pvq").version
-    return {"uri": uri, "run_id": run_id, "dir": root / "model", "version": version}
+    return {"uri": uri, "run_id": run_id, "dir": root / "model", "version": version,
+            "model_id": model_id}  # fmt: skip
 
 
 def test_model_loads_from_every_source(logged, monkeypatch):
@@ -58,7 +60,9 @@ def test_model_loads_from_every_source(logged, monkeypatch):
     by_run = load_model(f"runs:/{logged['run_id']}/model")
     by_name = load_model(f"models:/tiny-pvq/{logged['version']}")
     by_dir = load_model(logged["dir"])
+    by_id = load_model(f"models:/{logged['model_id']}")  # MLflow 3's logged model
     assert by_run.identity["run_id"] == by_name.identity["run_id"] == logged["run_id"]
+    assert by_id.identity["weights_hash"] == by_run.identity["weights_hash"]
     assert by_run.identity["weights_hash"] == by_name.identity["weights_hash"]
     assert by_dir.identity["config_hash"] == by_run.identity["config_hash"]
     assert by_run.data["resolutions"] == [[32, 32]]
@@ -69,6 +73,19 @@ def test_model_loads_from_every_source(logged, monkeypatch):
     assert all(np.array_equal(codes[f"l{i}"], c.numpy()) for i, c in enumerate(ours))
     with pytest.raises(ModelLoadError, match="not an MLflow model URI"):
         load_model(logged["dir"].parent / "nothing-here")
+
+
+def test_model_is_an_mlflow_logged_model_of_its_run(logged):
+    """Listed under the experiment's "Logged models", READY, with the run as its source and
+    the run's output: what the MLflow UI shows and the registry takes."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(logged["uri"])
+    run = client.get_run(logged["run_id"])
+    [model] = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert model.model_id == logged["model_id"] and model.name == "model"
+    assert model.source_run_id == logged["run_id"] and str(model.status) == "READY"
+    assert [o.model_id for o in run.outputs.model_outputs] == [logged["model_id"]]
 
 
 def test_tokenize_with_two_actors_resumes_and_detokenizes(

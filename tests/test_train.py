@@ -79,6 +79,9 @@ def test_pvqvae_trains_resumes_and_logs(shards, tmp_path, ray_local):
     assert any(f.startswith("eval/") and f.endswith(".json") for f in files), files
     assert "model/MLmodel" in files and "model/artifacts/model.pt" in files, files
     assert any(f.endswith(".png") and "codebook" in f for f in files), files
+    assert "plots/psnr.png" in files, files  # validation PSNR beside its references
+    model_id = run.data.tags["vqtok.model_id"]  # MLflow 3's logged model, the run's output
+    assert [o.model_id for o in run.outputs.model_outputs] == [model_id]
 
 
 def test_looc_image_tokenizer_trains(shards, tmp_path, ray_local):
@@ -94,8 +97,10 @@ def test_looc_image_tokenizer_trains(shards, tmp_path, ray_local):
     assert ckpt.latest(cfg.run.run_dir).name == "step_00000020"
 
 
-def test_hfsvq_alternates_locally(shards, tmp_path):
-    """`--local`: the same loop without Ray; HFSVQ steps F_L, then F_H, on every batch."""
+def test_hfsvq_alternates_locally(shards, tmp_path, capfd):
+    """`--local`: the same loop without Ray; HFSVQ steps F_L, then F_H, on every batch. The
+    progress line shows each part's loss (it printed "loss nan": HFSVQ has no train/total),
+    and torch's "No CUDA runtime is found" (CPU) stays quiet."""
     cfg = _config(
         shards, tmp_path, "hfsvq",
         "model={type: hfsvq, flavour: debug}", "data.frame_counts=[1]", "train.steps=6",
@@ -105,6 +110,9 @@ def test_hfsvq_alternates_locally(shards, tmp_path):
     rows = [json.loads(x) for x in (cfg.run.run_dir / "metrics.jsonl").read_text().splitlines()]
     keys = set().union(*(r["metrics"] for r in rows))
     assert "train/low/total" in keys and "train/high/total" in keys
+    err = capfd.readouterr().err
+    assert "step 6/6  loss high " in err and " low " in err and "loss nan" not in err, err
+    assert "No CUDA runtime is found" not in err
 
 
 def test_compiled_training_equals_eager(shards, tmp_path):

@@ -18,7 +18,14 @@ _WORKER_ENV = (
     "RAY_DATA_DISABLE_PROGRESS_BARS",
     "RAY_API_SERVER_ADDRESS",
     "OMP_NUM_THREADS",
+    "VQTOK_VERBOSE",
+    "PYTHONWARNINGS",
 )
+
+
+def verbose() -> bool:
+    """`vqtok --verbose` (or VQTOK_VERBOSE=1): let Ray, DeepSpeed and torch say everything."""
+    return os.environ.get("VQTOK_VERBOSE", "") not in ("", "0")
 
 
 def init_ray(**kwargs) -> None:
@@ -47,6 +54,11 @@ def init_ray(**kwargs) -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     # per-epoch progress bars of Ray Data would bury the training progress line
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if not verbose():
+        # quiet by default: library deprecation warnings in every worker, and the INFO lines
+        # of Ray's libraries (a line per Ray Data pass, per report, ...) say nothing to a user
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+        kwargs.setdefault("logging_config", ray.LoggingConfig(log_level="WARNING"))
     env = {"env_vars": {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}}
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local", runtime_env=env, **kwargs)
 

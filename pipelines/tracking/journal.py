@@ -259,12 +259,34 @@ class Journal:
                         run_id, img.copy(), key=rec["key"], step=rec["step"],
                         timestamp=rec["ts"], synchronous=True,
                     )  # fmt: skip
+        elif op == "model":
+            self._deliver_model(run_id, rec)
         elif op == "tags":
             self._log_batch(run_id, tags=[RunTag(k, v) for k, v in rec["tags"].items()])
         elif op == "end":
             client.set_terminated(run_id, rec["status"], end_time=rec["ts"])
         else:
             raise ValueError(f"unknown journal op {op!r}")
+
+    def _deliver_model(self, run_id: str, rec: dict) -> None:
+        """A logged model (MLflow 3) with the folder's files, linked to the run as its
+        output, then the same files as the run's artifact `<name>/`."""
+        from mlflow.entities import LoggedModelOutput
+
+        path = self.run_dir / rec["file"]
+        if not path.is_dir():
+            raise FileNotFoundError(f"model folder {path} is gone")
+        client = self._client
+        experiment_id = client.get_run(run_id).info.experiment_id
+        model = client.create_logged_model(
+            experiment_id, name=rec["name"], source_run_id=run_id, tags=rec.get("tags") or None,
+            model_type="vqtok tokenizer",
+        )  # fmt: skip
+        client.log_model_artifacts(model.model_id, str(path))
+        client.finalize_logged_model(model.model_id, "READY")
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, rec.get("step", 0))])
+        client.set_tag(run_id, f"vqtok.{rec['name']}_id", model.model_id)
+        client.log_artifacts(run_id, str(path), rec["name"])
 
     def _deliver_start(self, rec: dict) -> None:
         """Create or resume the run, then log params not logged yet, tags and the config."""

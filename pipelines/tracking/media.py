@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["to_hwc_uint8", "save_png", "save_mp4", "usage_plot"]
+__all__ = ["to_hwc_uint8", "save_png", "save_mp4", "usage_plot", "curve_plot"]
 
 _CHANNELS = (1, 3, 4)
 
@@ -114,6 +114,31 @@ def usage_plot(codebook_json: str | Path, path: str | Path, title: str = "") -> 
         f"{head}{groups}x{num_codes} codes, {used:.1%} used, perplexity {perplexity:.1f}",
         fontsize=10,
     )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def curve_plot(points: list[tuple[int, float]], path: str | Path, references: dict[str, float],
+               ylabel: str = "PSNR dB", title: str = "") -> Path:  # fmt: skip
+    """A metric over steps with horizontal reference lines (e.g. validation PSNR beside
+    bicubic resampling at the model's rate and each clip's mean colour): whether and when
+    a tokenizer beats the trivial references, at a glance."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    steps, values = zip(*points) if points else ((), ())
+    ax.plot(steps, values, marker="o", lw=1.5, label="model")
+    for (name, value), style in zip(references.items(), ("--", ":", "-.", (0, (1, 4)))):
+        ax.axhline(value, ls=style, lw=1.0, color="grey", label=f"{name} {value:.2f}")
+    ax.set(xlabel="step", ylabel=ylabel)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")

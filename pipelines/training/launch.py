@@ -20,7 +20,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from pipelines.cluster.connect import init_ray
+from pipelines.cluster.connect import init_ray, verbose
 from pipelines.config import Config, ConfigError, from_dict, load_config, save_config, validate
 from pipelines.store import checkpoint as ckpt
 from pipelines.training.loop import NonFiniteLossError, nonfinite_message, train_loop
@@ -28,11 +28,22 @@ from pipelines.training.resume import newest_sound, reconcile, resume_checkpoint
 from pipelines.training.sessions import LocalSession, RaySession
 
 
-def _quiet_report_log() -> None:
-    """Ray 2.60's per-report INFO line (the whole metrics dict, every report, every rank)
-    comes from a logger named by its file path, which `LoggingConfig` does not reach."""
+def _quiet_worker() -> None:
+    """Loggers that speak on every worker and say nothing to a user (`--verbose` keeps
+    them): torch's "No CUDA runtime is found" on CPU workers (when DeepSpeed imports its
+    extension loader); DeepSpeed's "… built successfully", a `print` per engine that Ray
+    Train turns into a root-logger record; Ray 2.60's per-report INFO line (the whole metrics
+    dict, every report, every rank), from a logger named by its file path that
+    `LoggingConfig` does not reach."""
     import logging
 
+    import torch
+
+    if verbose():
+        return
+    if not torch.cuda.is_available():
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    logging.getLogger().addFilter(lambda r: "built successfully" not in str(r.msg))
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:
@@ -42,7 +53,7 @@ def _quiet_report_log() -> None:
 
 def train_worker(config: dict) -> None:
     """Ray Train's per-worker function; the config is passed explicitly, never global."""
-    _quiet_report_log()
+    _quiet_worker()
     cfg = from_dict(Config, config, "")
     session = RaySession(cfg)
     status = "FAILED"
@@ -115,6 +126,7 @@ def fit(cfg: Config, local: bool = False) -> dict:
     check_run_folder(cfg, local)
     save_config(cfg, cfg.run.run_dir / "config.yaml")
     if local:
+        _quiet_worker()
         session = LocalSession(cfg)
         status = "FAILED"
         try:
@@ -219,8 +231,11 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as exc:
         print(f"vqtok train: {exc}", file=sys.stderr)
         return 1
-    print(f"[vqtok] run folder: {cfg.run.run_dir}")
-    for k in sorted(metrics):
-        if k.startswith(("eval/", "train/total")):
-            print(f"  {k} = {metrics[k]}")
+    from pipelines.inference.evaluate import reference_table
+
+    print(f"[vqtok] run folder: {cfg.run.run_dir} (every metric: metrics.jsonl, MLflow)")
+    if any(k.startswith("eval/") for k in metrics):
+        print(reference_table(metrics))
+    elif "train/total" in metrics:
+        print(f"  train/total = {metrics['train/total']:.4f} (no evaluation: train.eval_every)")
     return 0

@@ -12,8 +12,10 @@ ZeRO shards it the same way.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import socket
+import sys
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipelines.cluster.connect import verbose
 from pipelines.config import Config
 
 
@@ -103,6 +106,22 @@ def deepspeed_config(cfg: Config, micro_batch: int) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _without_stdout_lines(text: str):
+    """The block's stdout, less the lines containing `text`: for a library's `print` that no
+    logger filters (under Ray Train, `print` is also logged: `launch._quiet_worker` filters
+    that copy). Everything with `--verbose`."""
+    if verbose():
+        yield
+        return
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        sys.stdout.write("".join(x for x in buf.getvalue().splitlines(True) if text not in x))
+
+
 def make_engine(
     module: nn.Module, params: Iterable[nn.Parameter], cfg: Config, lr: float, micro_batch: int
 ):
@@ -115,12 +134,13 @@ def make_engine(
     opt = opt_cls(params, lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                   fused=o.fused)  # fmt: skip
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.warmup_steps, cfg.train.steps))
-    engine, _, _, _ = deepspeed.initialize(
-        model=module,
-        optimizer=opt,
-        lr_scheduler=sched,
-        config=deepspeed_config(cfg, micro_batch),
-    )
+    with _without_stdout_lines("built successfully"):  # DeepSpeed prints it per engine
+        engine, _, _, _ = deepspeed.initialize(
+            model=module,
+            optimizer=opt,
+            lr_scheduler=sched,
+            config=deepspeed_config(cfg, micro_batch),
+        )
     from pipelines.store.checkpoint import safe_engine_loading
 
     safe_engine_loading(engine)  # DeepSpeed's loader would unpickle a planted file

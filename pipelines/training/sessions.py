@@ -4,6 +4,8 @@ checkpoint), over one `Session` base; `RunLog` is rank 0's MLflow record of the 
 
 from __future__ import annotations
 
+import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,7 +19,7 @@ class RunLog:
     store failed) plus the run folder's own journal."""
 
     def __init__(self, cfg: Config, rank: int):
-        self.tracker = None
+        self.tracker, self._system = None, None
         if rank != 0:
             return
         from pipelines.tracking.tracker import Tracker
@@ -25,6 +27,21 @@ class RunLog:
         self.tracker = Tracker(cfg.run.run_dir, cfg.run.tracking_uri, cfg.run.experiment)
         self.tracker.start(cfg.run.name, params=cfg.to_dict(), tags={"vqtok.kind": "train"},
                            parent_run_id=cfg.run.parent_run_id)  # fmt: skip
+        self._system = self._system_metrics() if cfg.run.system_metrics else None
+
+    def _system_metrics(self):
+        """MLflow's system-metrics monitor on this node (`system/…` metrics every 10 s), or
+        None when the store was not reached at start (metrics then stay journal-only)."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        if self.tracker.run_id is None:
+            print("[vqtok] warning: run.system_metrics: MLflow not reachable at start; off",
+                  file=sys.stderr)  # fmt: skip
+            return None
+        monitor = SystemMetricsMonitor(self.tracker.run_id,
+                                       tracking_uri=self.tracker.tracking_uri)  # fmt: skip
+        monitor.start()
+        return monitor
 
     def metrics(self, metrics: dict, checkpoint: Path | None) -> None:
         if self.tracker is None:
@@ -34,9 +51,30 @@ class RunLog:
         evaluation = {k: v for k, v in metrics.items() if k.startswith("eval/")}
         if evaluation:
             self.tracker.log_dict({"step": step, **evaluation}, f"eval/step_{step:08d}.json")
+            if "eval/psnr" in evaluation:
+                self._psnr_plot(evaluation)
         if checkpoint is not None:
             for d in sorted((checkpoint / "codebooks").glob("quantizer*")):
                 self.tracker.log_codebook(d, step=step, name=f"codebooks/{d.name}")
+
+    def _psnr_plot(self, evaluation: dict) -> None:
+        """`plots/psnr.png`: validation PSNR over the run's steps (its journal, so a resumed
+        run keeps its history) beside bicubic at the model's rate and the mean colour."""
+        from pipelines.tracking.media import curve_plot
+
+        refs = {name: evaluation[key] for name, key in (
+            ("bicubic at its rate", "eval/reference_rate_psnr"),
+            ("mean colour", "eval/reference_mean_colour_psnr")) if key in evaluation}  # fmt: skip
+        try:
+            rows = (json.loads(x) for x in (self.tracker.run_dir / "metrics.jsonl").open())
+            points = sorted({r["step"]: r["metrics"]["eval/psnr"] for r in rows
+                             if "eval/psnr" in r.get("metrics", {})}.items())  # fmt: skip
+            path = curve_plot(points, self.tracker.run_dir / "plots" / "psnr.png", refs,
+                              title="validation PSNR")  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - a plot never stops training
+            print(f"[vqtok] warning: PSNR plot failed: {exc!r}", file=sys.stderr)
+            return
+        self.tracker.log_artifact(path, "plots")
 
     def image(self, image, step: int) -> None:
         if self.tracker is not None:
@@ -44,8 +82,9 @@ class RunLog:
 
     def export_model(self, cfg: Config, model) -> Path:
         """`<run>/model/`: the EMA weights and model config as an MLflow pyfunc model
-        (`pipelines.store.models`), logged as the run's artifact `model/` so that
-        `runs:/<id>/model` loads it (`vqtok tokenize --model runs:/<id>/model`)."""
+        (`pipelines.store.models`), logged as the run's logged model (`models:/<model_id>`,
+        the run's tag `vqtok.model_id`) and artifact `model/` (`runs:/<id>/model`): either
+        URI loads it (`vqtok tokenize --model …`)."""
         from pipelines.store.models import export_model
 
         run_id = self.tracker.run_id if self.tracker is not None else None
@@ -53,11 +92,13 @@ class RunLog:
         out = export_model(model, cfg.model, cfg.run.run_dir / "model", identity,
                            cfg.to_dict()["data"])  # fmt: skip
         if self.tracker is not None:
-            self.tracker.log_artifact(out, "model")
+            self.tracker.log_model(out, "model", step=cfg.train.steps)
         return out
 
     def end(self, status: str) -> None:
         if self.tracker is not None:
+            if self._system is not None:
+                self._system.finish()
             self.tracker.end(status)
 
 
