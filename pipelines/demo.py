@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipelines.tracking.server import mlflow_ui_url
+
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
 
@@ -73,12 +75,13 @@ def run(args: argparse.Namespace) -> int:
         f"--data {data}/val-*.tar)"
     )
     print(
-        f"Model:        {cfg.run.run_dir}/model  (MLflow artifact model/; vqtok tokenize "
-        f"--model {cfg.run.run_dir} --data {data}/val-*.tar --out tokens)"
+        f"Model:        {cfg.run.run_dir}/model  (MLflow logged model and artifact model/; "
+        f"vqtok tokenize --model {cfg.run.run_dir} --data {data}/val-*.tar --out tokens)"
     )
+    run_id = (cfg.run.run_dir / "mlflow_run_id").read_text().strip()
     print(
-        f"MLflow UI:    .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000"
-        "   then open http://127.0.0.1:5000"
+        f"MLflow UI:    .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000\n"
+        f"              then open {mlflow_ui_url('http://127.0.0.1:5000', uri, run_id)}"
     )
     print(f"Done in {time.perf_counter() - t0:.0f} s.", file=sys.stderr)
     return 0

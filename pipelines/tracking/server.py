@@ -122,3 +122,16 @@ def _log_tail(proc: subprocess.Popen | None, n: int = 2000) -> str:
     if path is None or not Path(path).exists():
         return ""
     return f"; log {path}:\n{Path(path).read_text(errors='replace')[-n:]}"
+
+
+def mlflow_ui_url(base: str, tracking_uri: str, run_id: str) -> str:
+    """The MLflow UI page of a run in the "Model training" layout (MLflow 3 opens
+    experiments in its GenAI layout unless the page asks: `workflowType=machine_learning`)."""
+    from mlflow import MlflowClient
+
+    try:
+        experiment = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    except Exception:  # noqa: BLE001 - a link is a convenience: the experiments list instead
+        return f"{base.rstrip('/')}/#/experiments?workflowType=machine_learning"
+    return (f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+            "?workflowType=machine_learning")  # fmt: skip
