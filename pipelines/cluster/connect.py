@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-# forwarded to workers: accelerator choice, extension cache, MLflow endpoint
+# forwarded to workers: accelerator choice, extension cache, MLflow and S3 endpoints
 _WORKER_ENV = (
     "DS_ACCELERATOR",
     "TORCH_EXTENSIONS_DIR",
@@ -20,6 +20,7 @@ _WORKER_ENV = (
     "OMP_NUM_THREADS",
     "VQTOK_VERBOSE",
     "PYTHONWARNINGS",
+    "AWS_ENDPOINT_URL",  # an S3-compatible shard store (credentials: each node's own chain)
 )
 
 

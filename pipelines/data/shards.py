@@ -19,6 +19,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -194,7 +195,10 @@ def _prepare_safe(job: tuple[Path, str, float | None, int]) -> tuple[str, list[d
 
 
 class ShardSink:
-    """webdataset `ShardWriter` to `<out>/<prefix>-%06d.tar` plus the manifest's totals."""
+    """webdataset `ShardWriter` to `<out>/<prefix>-%06d.tar` plus the manifest's totals.
+    `out` may be a URI (`s3://bucket/prefix`, any pyarrow.fs URI): each shard is written to
+    a local temporary folder, uploaded when complete, and removed (one shard on disk at a
+    time); the manifest goes beside the shards."""
 
     def __init__(
         self,
@@ -205,7 +209,8 @@ class ShardSink:
     ):
         import webdataset as wds
 
-        self.out_dir = Path(out_dir)
+        self.remote = str(out_dir).rstrip("/") if "://" in str(out_dir) else None
+        self.out_dir = Path(tempfile.mkdtemp(prefix="vqtok-shards-") if self.remote else out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix, self.shards = prefix, []
         self.totals = Counter()
@@ -214,11 +219,17 @@ class ShardSink:
             str(self.out_dir / f"{prefix}-%06d.tar"),
             maxcount=max_count,
             maxsize=max_bytes,
-            post=self.shards.append,
+            post=self._finished,
             verbose=0,
             encoder=False,
             mtime=0.0,
         )
+
+    def _finished(self, path: str) -> None:
+        if self.remote:
+            _upload(Path(path), f"{self.remote}/{Path(path).name}")
+            os.remove(path)
+        self.shards.append(path)
 
     def write(self, sample: dict) -> None:
         if "." in sample["key"]:
@@ -260,7 +271,19 @@ class ShardSink:
         }
         path = self.out_dir / f"{self.prefix}.manifest.json"
         path.write_text(json.dumps(manifest, indent=2) + "\n")
+        if self.remote:
+            _upload(path, f"{self.remote}/{path.name}")
+            shutil.rmtree(self.out_dir, ignore_errors=True)
         return manifest
+
+
+def _upload(path: Path, uri: str) -> None:
+    """Copy a local file to a URI through pyarrow.fs (the layer the readers use)."""
+    import pyarrow.fs
+
+    fs, target = pyarrow.fs.FileSystem.from_uri(uri)
+    with path.open("rb") as src, fs.open_output_stream(target) as dst:
+        shutil.copyfileobj(src, dst, 1 << 22)
 
 
 def write_shards(
@@ -313,7 +336,8 @@ class _Inline:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="video/image files, folders or globs")
-    parser.add_argument("--out", required=True, help="output folder for the shards")
+    parser.add_argument("--out", required=True, help="output folder, or a URI (s3://bucket/"
+                        "prefix: each shard uploaded when complete)")  # fmt: skip
     parser.add_argument("--prefix", default="shard", help="shard name prefix")
     parser.add_argument("--max-count", type=int, default=1000, help="samples per shard")
     parser.add_argument("--max-bytes", type=float, default=1e9, help="bytes per shard")
