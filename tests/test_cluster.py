@@ -101,6 +101,23 @@ def test_ray_up_config_is_valid_and_split():
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert any("MLFLOW_TRACKING_URI=" in c for c in raw[key]), key
     assert "run.storage=/mnt/vqtok/" in (ROOT / "cluster/ray-cluster.yaml").read_text()
+    # issue 27: no AMI alias that resolves to an old image; one AMI and an S3-reading profile
+    # on every node type; the EFS name set in the file, refused while unset; one Ray version
+    # and the cu128 torch pair on every node
+    assert {t["node_config"]["ImageId"] for t in types.values()} == {"ami-SET-ME"}
+    assert all(t["node_config"]["IamInstanceProfile"] == {"Name": "vqtok-node"}
+               for t in types.values())  # fmt: skip
+    setup = " ".join(raw["setup_commands"])
+    assert "EFS_DNS" not in setup and "case $EFS in fs-SET-ME*)" in setup and "exit 1" in setup
+    assert '"ray[default,train,tune,data]==2.60.0"' in setup and "whl/cu128" in setup
+    torch_pin = next(d for d in _pyproject_deps() if d.startswith("torch=="))
+    assert torch_pin in setup
+
+
+def _pyproject_deps() -> list[str]:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
 
 
 def _check_kuberay_split(spec: dict) -> str:
@@ -115,13 +132,25 @@ def _check_kuberay_split(spec: dict) -> str:
         gpus[g["groupName"]] = int(limits.get("nvidia.com/gpu", 0))
     assert sorted(gpus.values())[0] == 0 and max(gpus.values()) > 0, gpus  # cpu and gpu groups
     mounts = set()
-    for pod in pods:
+    for pod in pods:  # issue 27: S3 credentials, pulls, a run folder the ray user can write
+        assert pod["serviceAccountName"] == "vqtok" and pod["imagePullSecrets"]
+        assert any("chown 1000" in " ".join(c["command"]) for c in pod["initContainers"])
         container = pod["containers"][0]
+        memory = container["resources"]["requests"]["memory"]
+        assert memory.endswith("Gi") and int(memory[:-2]) <= 512, memory  # fits real nodes
         assert "MLFLOW_TRACKING_URI" in {e["name"] for e in container["env"]}
         claims = {v["name"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
         mounts |= {m["mountPath"] for m in container["volumeMounts"] if m["name"] in claims}
     assert len(mounts) == 1, mounts
     return mounts.pop()
+
+
+def test_dockerfile_installs_the_cu128_torch_pair_first():
+    text = (ROOT / "cluster/Dockerfile").read_text()
+    base = next(line for line in text.splitlines() if line.startswith("FROM "))
+    assert base.endswith("-cu128"), base
+    torch_pin = next(d for d in _pyproject_deps() if d.startswith("torch=="))
+    assert text.index(torch_pin) < text.index("whl/cu128") < text.index("pip install --no-cache-dir -e .")
 
 
 def test_kuberay_raycluster():
