@@ -130,6 +130,13 @@ class TokenizerConfig:
             raise ValueError(f"{self.name}: norm must be one of {NORMS}, got {self.norm!r}")
         check_quantizer_spec(self.name, self.quantizer, self.latent_dim)
 
+    def trunk(self, strides: list) -> dict[str, Any]:
+        """The keyword arguments of `blocks.Encoder` / `Decoder` for this config's trunk."""
+        return dict(channels=self.channels, channel_mult=self.channel_mult,
+                    num_res_blocks=self.num_res_blocks, strides=strides, norm=self.norm,
+                    norm_groups=self.norm_groups, shortcuts=self.shortcuts,
+                    dropout=self.dropout)  # fmt: skip
+
     def quantizer_config(self) -> dict[str, Any]:
         """The quantizer's registry spec with its `dim` (the model's latent width)."""
         return {**self.quantizer, "dim": self.latent_dim}

@@ -76,16 +76,7 @@ class ImageTokenizer(nn.Module):
         super().__init__()
         self.config = c = config
         strides = stage_strides(c.downsample, 1, dims=2)
-        net = dict(
-            channels=c.channels,
-            channel_mult=c.channel_mult,
-            num_res_blocks=c.num_res_blocks,
-            strides=strides,
-            norm=c.norm,
-            norm_groups=c.norm_groups,
-            shortcuts=c.shortcuts,
-            dropout=c.dropout,
-        )
+        net = c.trunk(strides)
         self.encoder = Encoder(2, c.in_channels, c.latent_dim, **net)
         self.quantizer = build(c.quantizer_config())
         self.decoder = Decoder(2, c.latent_dim, c.in_channels, **net)

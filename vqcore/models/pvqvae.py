@@ -183,16 +183,7 @@ class PVQVAE(nn.Module):
         super().__init__()
         self.config = c = config
         strides = stage_strides(c.spatial_factor, c.temporal_factor, dims=3)
-        net = dict(
-            channels=c.channels,
-            channel_mult=c.channel_mult,
-            num_res_blocks=c.num_res_blocks,
-            strides=strides,
-            norm=c.norm,
-            norm_groups=c.norm_groups,
-            shortcuts=c.shortcuts,
-            dropout=c.dropout,
-        )
+        net = c.trunk(strides)
         self.encoder = Encoder(3, c.in_channels, c.latent_dim, **net)
         widths = [c.channels * m for m in c.channel_mult]
         self.fft = (
