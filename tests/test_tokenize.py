@@ -44,7 +44,7 @@ def logged(tmp_path_factory):
         run_id = tracker.start("tiny", params={"model": cfg})
         out = export_model(model, cfg, root / "model", {"run_id": run_id},
                            data_cfg={"resolutions": [[32, 32]], "frame_counts": [4]})  # fmt: skip
-        tracker.log_model(out, "model")
+        tracker.log_model(out, "tokenizer", "model")
     model_id = mlflow.MlflowClient(uri).get_run(run_id).data.tags["vqtok.model_id"]
     with pytest.MonkeyPatch.context() as mp:  # not mlflow.set_tracking_uri: it would leak
         mp.setenv("MLFLOW_TRACKING_URI", uri)  # into later tests' default store
@@ -83,7 +83,9 @@ def test_model_is_an_mlflow_logged_model_of_its_run(logged):
     client = MlflowClient(logged["uri"])
     run = client.get_run(logged["run_id"])
     [model] = client.search_logged_models(experiment_ids=[run.info.experiment_id])
-    assert model.model_id == logged["model_id"] and model.name == "model"
+    assert model.model_id == logged["model_id"] and model.name == "tokenizer"
+    files = [f.path for f in client.list_artifacts(logged["run_id"], "model")]  # the run's copy
+    assert "model/MLmodel" in files, files
     assert model.source_run_id == logged["run_id"] and str(model.status) == "READY"
     assert [o.model_id for o in run.outputs.model_outputs] == [logged["model_id"]]
 

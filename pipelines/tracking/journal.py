@@ -270,7 +270,7 @@ class Journal:
 
     def _deliver_model(self, run_id: str, rec: dict) -> None:
         """A logged model (MLflow 3) with the folder's files, linked to the run as its
-        output, then the same files as the run's artifact `<name>/`."""
+        output, then the same files as the run's artifact `<artifact_path>/`."""
         from mlflow.entities import LoggedModelOutput
 
         path = self.run_dir / rec["file"]
@@ -285,8 +285,8 @@ class Journal:
         client.log_model_artifacts(model.model_id, str(path))
         client.finalize_logged_model(model.model_id, "READY")
         client.log_outputs(run_id, [LoggedModelOutput(model.model_id, rec.get("step", 0))])
-        client.set_tag(run_id, f"vqtok.{rec['name']}_id", model.model_id)
-        client.log_artifacts(run_id, str(path), rec["name"])
+        client.set_tag(run_id, "vqtok.model_id", model.model_id)
+        client.log_artifacts(run_id, str(path), rec.get("artifact_path") or "model")
 
     def _deliver_start(self, rec: dict) -> None:
         """Create or resume the run, then log params not logged yet, tags and the config."""

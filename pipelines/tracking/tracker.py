@@ -242,14 +242,16 @@ class Tracker:
         """Log a file or directory (uploaded when delivered: keep it in place until then)."""
         self._event("artifact", file=self._rel(Path(path)), artifact_path=artifact_path)
 
-    def log_model(self, path: str | Path, name: str = "model", step: int = 0,
-                  tags: Mapping[str, str] | None = None) -> None:  # fmt: skip
+    def log_model(self, path: str | Path, name: str = "tokenizer", artifact_path: str = "model",
+                  step: int = 0, tags: Mapping[str, str] | None = None) -> None:  # fmt: skip
         """Log an MLflow model folder (`pipelines.store.models.export_model`) as MLflow 3's
-        logged model of this run (listed under "Logged models", loadable as
-        `models:/<model_id>`, registrable) and as the run's artifact `<name>/` (so
-        `runs:/<run_id>/<name>` loads it too). Uploaded when delivered, like an artifact."""
-        self._event("model", file=self._rel(Path(path)), name=name, step=int(step),
-                    tags=dict(tags or {}))  # fmt: skip
+        logged model `name` of this run (listed under "Logged models", loadable as
+        `models:/<model_id>`, the run's tag `vqtok.model_id`, registrable) and as the run's
+        artifact `<artifact_path>/` (`runs:/<run_id>/<artifact_path>` loads it too). The two
+        names differ on purpose: MLflow 3.17 resolves a run path named like one of the run's
+        logged models through the default store, not the client's. Uploaded when delivered."""
+        self._event("model", file=self._rel(Path(path)), name=name, artifact_path=artifact_path,
+                    step=int(step), tags=dict(tags or {}))  # fmt: skip
 
     def log_codebook(
         self, source: str | Path | Iterable[str | Path], step: int, name: str = "codebook"

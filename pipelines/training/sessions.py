@@ -92,7 +92,7 @@ class RunLog:
         out = export_model(model, cfg.model, cfg.run.run_dir / "model", identity,
                            cfg.to_dict()["data"])  # fmt: skip
         if self.tracker is not None:
-            self.tracker.log_model(out, "model", step=cfg.train.steps)
+            self.tracker.log_model(out, "tokenizer", "model", step=cfg.train.steps)
         return out
 
     def end(self, status: str) -> None:
