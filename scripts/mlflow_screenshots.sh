@@ -9,7 +9,7 @@ run=$(cd "$1" && pwd); out=${2:-docs/images}; mkdir -p "$out"
 py=${PYTHON:-.venv/bin/python}; port=${PORT:-5079}
 db="$run/mlflow/mlflow.db"; run_id=$(cat "$run/mlflow_run_id")
 "$py" -m mlflow ui --backend-store-uri "sqlite:///$db" --host 127.0.0.1 --port "$port" \
-  >"$out/.mlflow-ui.log" 2>&1 &
+  >"${TMPDIR:-/tmp}/vqtok-mlflow-ui.log" 2>&1 &
 server=$!; trap 'kill $server 2>/dev/null || true' EXIT
 for _ in $(seq 60); do curl -sf -o /dev/null "http://127.0.0.1:$port/" && break; sleep 1; done
 exp=$("$py" -c "from mlflow import MlflowClient; import sys
