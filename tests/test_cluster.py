@@ -266,3 +266,18 @@ def test_submit_line_is_absolute_and_quoted(tmp_path):
     assert words[:5] == ["ray", "job", "submit", "--working-dir", root]
     assert f"data.shards=[{root}/demo_data/train-*.tar]" in words
     assert "'data.shards=[" in line  # the glob is quoted for the shell
+
+
+def test_ray_data_console_config_loads_and_is_quiet():
+    """The Ray Data logging file a local Ray gets (RAY_DATA_LOGGING_CONFIG): Ray's own layout
+    with the console at WARNING (no line per epoch), everything still in ray-data.log."""
+    import logging.config
+
+    from pipelines.cluster.connect import RAY_DATA_LOGGING
+
+    cfg = yaml.safe_load(Path(RAY_DATA_LOGGING).read_text())
+    assert cfg["handlers"]["console"]["level"] == "WARNING"
+    assert set(cfg["loggers"]["ray.data"]["handlers"]) == {"file", "console"}
+    logging.config.dictConfig(cfg)  # the classes it names exist in this Ray
+    handlers = logging.getLogger("ray.data").handlers
+    assert {type(h).__name__ for h in handlers} == {"SessionFileHandler", "PlainRayHandler"}

@@ -21,7 +21,11 @@ _WORKER_ENV = (
     "VQTOK_VERBOSE",
     "PYTHONWARNINGS",
     "AWS_ENDPOINT_URL",  # an S3-compatible shard store (credentials: each node's own chain)
+    "RAY_DATA_LOGGING_CONFIG",
 )
+# Ray Data's console at WARNING (ray_data_logging.yaml); only for a Ray we start here: on a
+# cluster the file's path would not exist on other nodes, and Ray Data fails on a missing one
+RAY_DATA_LOGGING = os.path.join(os.path.dirname(__file__), "ray_data_logging.yaml")
 
 
 def verbose() -> bool:
@@ -49,6 +53,8 @@ def init_ray(**kwargs) -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        if not verbose():
+            os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", RAY_DATA_LOGGING)
         kwargs = {"include_dashboard": True, "dashboard_host": "127.0.0.1",
                   "dashboard_port": port, **kwargs}  # fmt: skip
     # Each report blocks until the controller polls; 2 s by default (docs/RUNTIME.md).
