@@ -11,7 +11,6 @@ from pathlib import Path
 
 from pipelines.config import Config, from_dict
 from pipelines.store import checkpoint as ckpt
-from pipelines.training.resume import newest_sound
 
 
 class RunLog:
@@ -149,7 +148,10 @@ class LocalSession(Session):
         return self._stream
 
     def restore_dir(self) -> Path | None:
-        return newest_sound(self.run_dir)
+        # `launch.check_run_folder` has already verified every newer folder and set the bad
+        # ones aside (`resume.newest_sound`); the loop verifies this one once more
+        # (`check_loadable`): a third full read of every file would add nothing
+        return ckpt.latest(self.run_dir)
 
     def report(self, metrics: dict, checkpoint: Path | None) -> None:
         if checkpoint is not None:
