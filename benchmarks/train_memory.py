@@ -67,8 +67,8 @@ def estimate(spec: str, dtype: str, args, steps: int = 2, fake: bool = True) -> 
     max RSS over the steps (`rss_growth`): a check of the tracker that does not rely on it."""
     device = torch.device("cpu")  # fake: shapes and dtypes only, nothing is computed
     with FakeTensorMode() if fake else contextlib.nullcontext():
-        kind, model, disc, loss, opt_g, opt_d = build_case(spec, args, device)
-        x = make_batch(kind, args, device)
+        config, model, disc, loss, opt_g, opt_d = build_case(spec, args, device)
+        x = make_batch(config, args, device)
         step = make_step(model, model, disc, loss, opt_g, opt_d, x, device, dtype)
         tracker = StepMemTracker()
         tracker.track_external(*(m for m in (model, disc, loss, opt_g, opt_d, x) if m is not None))

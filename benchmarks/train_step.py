@@ -39,7 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import device_name, emit, git_rev, measure, sync
 from pipelines.data.inputs import autocast
-from vqcore.models import build_model
+from vqcore.models import model_config
 from vqcore.models.blocks import checkpoint_res_blocks
 
 # dense peak TFLOP/s by device-name substring (first match): bf16 tensor cores; fp32 is TF32
@@ -67,35 +67,36 @@ def peak_tflops(device: torch.device, dtype: str, override: float | None) -> flo
     return next((v[dtype] for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def make_batch(kind: str, args, device: torch.device) -> torch.Tensor:
+def make_batch(config, args, device: torch.device) -> torch.Tensor:
+    """A random batch in [-1, 1] of what the model (`config`, its typed config) codes."""
     h, w = args.size
-    shape = (
-        (args.batch, 3, h, w) if kind == "image_tokenizer" else (args.batch, 3, args.frames, h, w)
-    )
+    video = config.takes_clips
+    shape = (args.batch, 3, args.frames, h, w) if video else (args.batch, 3, h, w)
     x = torch.rand(shape, device=device) * 2 - 1
     if args.channels_last:
-        x = x.contiguous(memory_format=_memory_format(kind))
+        x = x.contiguous(memory_format=_memory_format(video))
     return x
 
 
 def build_case(spec: str, args, device: torch.device):
-    """(model, discriminator or None, loss or None, optimizers) for `type:flavour`."""
+    """(typed model config, model, discriminator or None, loss or None, optimizers) for
+    `type:flavour`."""
     kind, _, flavour = spec.partition(":")
     cfg = {"type": kind, **({"flavour": flavour} if flavour else {})}
     if args.quantizer:
         cfg["quantizer"] = ast.literal_eval(args.quantizer)  # a dict literal
-    model = _on(build_model(cfg), device)
+    config = model_config(cfg)
+    model = _on(config.build(), device)
     if args.grad_checkpoint:
         checkpoint_res_blocks(model)
-    memory_format = _memory_format(kind) if args.channels_last else None
+    memory_format = _memory_format(config.takes_clips) if args.channels_last else None
     if memory_format is not None:
         model = model.to(memory_format=memory_format)
     disc = loss = None
     disc_mod, losses = _optional("vqcore.models.discriminator"), _optional("vqcore.losses")
-    if args.disc and disc_mod is not None and kind in ("image_tokenizer", "pvqvae"):
-        dtype = "patch2d" if kind == "image_tokenizer" else "disc3d"
-        dspec = {"type": dtype} | ({"flavour": "debug"} if flavour.endswith("debug") else {})
-        disc = _on(disc_mod.build_discriminator(dspec), device)
+    if args.disc and disc_mod is not None and not config.step_parts:  # HFSVQ: no GAN
+        dspec = {"flavour": "debug"} if flavour.endswith("debug") else {}
+        disc = _on(disc_mod.discriminator_config(dspec, config.takes_clips).build(), device)
         if memory_format is not None:
             disc = disc.to(memory_format=memory_format)
     if losses is not None:
@@ -105,7 +106,7 @@ def build_case(spec: str, args, device: torch.device):
     opt_d = (
         torch.optim.Adam(disc.parameters(), lr=1e-5, betas=(0.9, 0.95), **fused) if disc else None
     )
-    return kind, model, disc, loss, opt_g, opt_d
+    return config, model, disc, loss, opt_g, opt_d
 
 
 def _on(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -115,8 +116,8 @@ def _on(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return module if all(t.device == device for t in tensors) else module.to(device)
 
 
-def _memory_format(kind: str) -> torch.memory_format:
-    return torch.channels_last if kind == "image_tokenizer" else torch.channels_last_3d
+def _memory_format(video: bool) -> torch.memory_format:
+    return torch.channels_last_3d if video else torch.channels_last
 
 
 def make_step(model, fwd, disc, loss, opt_g, opt_d, x, device, dtype):
@@ -160,8 +161,8 @@ def model_flops(spec: str, dtype: str, args) -> int:
         )
         cpu = torch.device("cpu")
         with FakeTensorMode():
-            kind, model, disc, loss, opt_g, opt_d = build_case(spec, plain, cpu)
-            x = make_batch(kind, plain, cpu)
+            config, model, disc, loss, opt_g, opt_d = build_case(spec, plain, cpu)
+            x = make_batch(config, plain, cpu)
             step = make_step(model, model, disc, loss, opt_g, opt_d, x, cpu, dtype)
             counter = FlopCounterMode(display=False)
             with counter:
@@ -174,8 +175,8 @@ def run_case(spec: str, dtype: str, compiled: bool, args, device: torch.device) 
     torch.manual_seed(0)
     case_name = f"{spec}/{dtype}/{'compiled' if compiled else 'eager'}"
     flops = model_flops(spec, dtype, args)
-    kind, model, disc, loss, opt_g, opt_d = build_case(spec, args, device)
-    x = make_batch(kind, args, device)
+    config, model, disc, loss, opt_g, opt_d = build_case(spec, args, device)
+    x = make_batch(config, args, device)
     if compiled:  # the two networks; the losses' autograd.grad (adaptive weight) stays eager
         fwd, disc = torch.compile(model), torch.compile(disc) if disc is not None else None
     else:
@@ -189,7 +190,7 @@ def run_case(spec: str, dtype: str, compiled: bool, args, device: torch.device) 
     return {
         "bench": "train_step",
         "case": case_name,
-        "model": kind,
+        "model": config.name,
         "device": device_name(device),
         "dtype": dtype,
         "compile": compiled,

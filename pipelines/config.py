@@ -2,10 +2,11 @@
 
     cfg = load_config("jobs/demo.yaml", ["optim.lr=3e-4", "model.quantizer.type=vq"])
 
-Unknown keys and bad values fail at once with a message naming the dotted key. Sections
-typed as `dict` (model, loss) are validated by the library that builds them (vqcore), so a
-wrong quantizer field is caught here too, before any worker starts. The resolved config is
-written into the run folder and logged to MLflow.
+Unknown keys and bad values fail at once with a message naming the dotted key. `model` and
+`disc` are typed by the library that builds them (vqcore): the YAML's `{type, flavour,
+**fields}` becomes the model's `TokenizerConfig` and the discriminator's config, and every
+quantizer is built once, so a wrong field is caught here, before any worker starts. The
+resolved config (every model field written out) goes into the run folder and to MLflow.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import yaml
 
 from pipelines.data.batches import DataConfig
 from vqcore.losses import TokenizerLossConfig
+from vqcore.models import TokenizerConfig, model_config
+from vqcore.models.discriminator import DiscriminatorConfig, discriminator_config
 
 
 class ConfigError(ValueError):
@@ -141,19 +144,33 @@ class RunConfig:
         return Path(self.storage).expanduser().resolve() / self.name
 
 
+DEFAULT_MODEL = {"type": "pvqvae", "flavour": "debug"}
+
+
 @dataclass
 class Config:
-    model: dict = field(default_factory=lambda: {"type": "pvqvae", "flavour": "debug"})
+    # `model` and `disc` are read as specs (`{type, flavour, **fields}`; a spec without a
+    # type refines the `spec` default) and typed by vqcore in __post_init__
+    model: TokenizerConfig = field(default_factory=lambda: model_config(DEFAULT_MODEL),
+                                   metadata={"spec": DEFAULT_MODEL})  # fmt: skip
     loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
-    disc: dict = field(default_factory=dict)  # discriminator fields (+ "flavour": "debug")
+    # None: the seed's 3D discriminator for a video tokenizer, PatchGAN for an image one
+    disc: DiscriminatorConfig | None = field(default=None, metadata={"spec": {}})
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def __post_init__(self) -> None:
+        self.model = _typed("model", model_config, self.model)
+        video = self.model.takes_clips
+        self.disc = _typed("disc", lambda s: discriminator_config(s, video), self.disc or {})
+
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        out = dataclasses.asdict(self)
+        out.update(model=self.model.to_spec(), disc=self.disc.to_spec())
+        return _plain(out)
 
 
 # one line per section of `Config`, for `vqtok train --help` (a test keeps it complete)
@@ -249,17 +266,21 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{key}: got {value!r}, expected {expected}")
 
 
-def _validate_model(spec: dict) -> None:
-    """The model's typed config, and every quantizer in it built once (cheap: codebooks
-    only), so a bad quantizer field fails here rather than in a worker."""
-    from vqcore.models import model_config
+def _typed(section: str, make: Any, spec: Any) -> Any:
+    """vqcore's typed config of a spec section; its error as a ConfigError naming `section`."""
+    try:
+        return make(spec)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"{section}: {exc}") from exc
+
+
+def _validate_model(model: TokenizerConfig) -> None:
+    """Every quantizer of the model built once (cheap: codebooks only), so a bad quantizer
+    field fails here rather than in a worker."""
     from vqcore.quantizers import build
 
-    try:
-        for quantizer in model_config(spec).quantizer_specs().values():
-            build(quantizer)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ConfigError(f"model: {exc}") from exc
+    for quantizer in model.quantizer_specs().values():
+        _typed("model", build, quantizer)
 
 
 def set_dotted(d: dict, dotted: str, value: Any) -> None:
@@ -285,12 +306,15 @@ def from_dict(cls: type, raw: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in raw.items():
-        default = fields[name].default_factory  # type: ignore[misc]
-        if isinstance(value, dict) and hints[name] is dict and callable(default):
-            value = _merge_spec(default(), value)
+        spec = fields[name].metadata.get("spec")
+        if spec is not None:  # typed by the dataclass itself (Config.model, .disc)
+            kwargs[name] = _merge_spec(spec, value) if isinstance(value, dict) else value
+            continue
         kwargs[name] = _coerce(hints[name], value, _join(where, name))
     try:
         return cls(**kwargs)
+    except ConfigError:
+        raise
     except (ValueError, TypeError) as exc:  # a dataclass's own __post_init__ check
         raise ConfigError(f"{where or 'config'}: {exc}") from exc
 

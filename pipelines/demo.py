@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         *args.overrides,
     ])  # fmt: skip
     where = "one process" if args.local else (f"Ray Train, {cfg.scaling.num_workers} workers")
-    print(f"[vqtok demo] training {cfg.model.get('type')} for {cfg.train.steps} steps "
+    print(f"[vqtok demo] training {cfg.model.name} for {cfg.train.steps} steps "
           f"({where}, DeepSpeed ZeRO-{cfg.train.zero_stage}); run folder {cfg.run.run_dir}",
           flush=True)  # fmt: skip
     metrics = fit(cfg, local=args.local)

@@ -23,10 +23,16 @@ from pipelines.studies.ablation_report import (
     format_orderings,
     format_results,
 )
+from vqcore.models import model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "jobs" / "pvq_ablation.yaml"
 STUDIES = sorted([STUDY, *(ROOT / "jobs").glob("ablate_*.yaml")])
+
+
+def _pvqvae(flavour: str, **fields):
+    """The typed PVQ-VAE config of `flavour` with `fields` replaced."""
+    return model_config({"type": "pvqvae", "flavour": flavour, **fields})
 
 
 def test_study_has_the_seed_variants_and_sizes():
@@ -34,23 +40,24 @@ def test_study_has_the_seed_variants_and_sizes():
     assert list(study.configs) == ["vq", "gvq", "lfq", "rvq", "psvq", "rvq_lfq", "pvq"]
     assert set(study.spec["reference"]["values"]) == set(study.configs)
     assert study.spec["reference"]["values"]["pvq"] == "35.12 / 36.01"
-    q = {k: c.model["quantizer"] for k, c in study.configs.items()}
+    q = {k: c.model.quantizer for k, c in study.configs.items()}
     assert q["vq"] == {"type": "vq", "codebook_size": 4096}
     assert q["gvq"] == {"type": "gvq", "codebook_size": 4096}
     assert q["psvq"]["type"] == "pyramid" and q["psvq"]["inner"]["codebook_size"] == 8000
     assert q["rvq"]["inner"]["codebook_size"] == 8000
     for name in ("lfq", "rvq_lfq", "pvq"):
         spec = q[name].get("inner", q[name])
-        assert spec == {"type": "lfq", "codebook_dim": 16}
+        assert spec == {"type": "lfq", "codebook_dim": 16, "entropy_weight": 0.02}
     for name, cfg in study.configs.items():  # one folder per variant (and seed) under the study's
         assert cfg.run.run_dir == study.folder / name
-        assert cfg.model["flavour"] == "debug" and not cfg.scaling.use_gpu
+        assert cfg.model == _pvqvae("debug", quantizer=cfg.model.quantizer)
+        assert not cfg.scaling.use_gpu
     assert study.seeds == [0, 1, 2] and study.data["out"].endswith("runs/ablation_data")
     assert study.configs["pvq"].data.shards == (study.data["out"] + "/train-*.tar",)
     gpu = load_study(STUDY, ["train.steps=7"], scale="gpu", variants=["pvq", "vq"])
     assert list(gpu.configs) == ["pvq", "vq"] and gpu.seeds == [42] and gpu.data is None
     assert all(c.scaling.use_gpu and c.train.steps == 7 for c in gpu.configs.values())
-    assert gpu.configs["pvq"].model["flavour"] == "default"
+    assert gpu.configs["pvq"].model == _pvqvae("default", latent_dim=16, quantizer=q["pvq"])
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
@@ -102,9 +109,10 @@ def test_variants_overrides_and_sections(tmp_path):
     )
     study = load_study(path)
     cfg = study.configs["wide"]
-    assert cfg.model["latent_dim"] == 32 and cfg.model["quantizer"]["codebook_size"] == 64
-    assert study.configs["nofft"].model == {"type": "pvqvae", "flavour": "debug", "use_fft": False}
-    assert study.configs["img"].model == {"type": "image_tokenizer", "flavour": "vqvae_debug"}
+    assert cfg.model.latent_dim == 32 and cfg.model.quantizer["codebook_size"] == 64
+    assert study.configs["nofft"].model == _pvqvae("debug", use_fft=False)
+    assert study.configs["img"].model == model_config(
+        {"type": "image_tokenizer", "flavour": "vqvae_debug"})
     assert study.seeds == [3, 4]
     assert cfg.data.shards == (str(Path("d").resolve() / "train-*.tar"),)
     assert cfg.train.eval_shards == (str(Path("d").resolve() / "val-*.tar"),)

@@ -20,6 +20,7 @@ import yaml
 
 from pipelines.config import Config, load_config
 from pipelines.studies.ablation import load_study
+from vqcore.models import PVQVAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -48,15 +49,16 @@ def test_every_job_config_loads(path, tmp_path):
         path.write_text(yaml.safe_dump({k: v for k, v in raw.items() if k in CONFIG_SECTIONS}))
     cfg = load_config(path, shards)
     if raw.get("data", {}).get("frame_counts") == [1]:
-        assert cfg.model["type"] in ("image_tokenizer", "hfsvq")
+        assert cfg.model.name in ("image_tokenizer", "hfsvq")
 
 
 def test_recipe_configs_follow_the_seed():
     for name in ("pvqvae_256", "pvqvae_multires"):
         cfg = load_config(ROOT / f"jobs/{name}.yaml")
-        assert cfg.model["flavour"] == "default" and cfg.model["latent_dim"] == 16
-        assert cfg.model["quantizer"]["type"] == "pyramid"
-        assert cfg.model["quantizer"]["inner"] == {"type": "lfq", "codebook_dim": 16}
+        default = PVQVAEConfig.flavours["default"]
+        assert cfg.model.channels == default.channels and cfg.model.latent_dim == 16
+        assert cfg.model.quantizer["type"] == "pyramid"
+        assert cfg.model.quantizer["inner"] == {"type": "lfq", "codebook_dim": 16}
         o, t = cfg.optim, cfg.train
         assert (o.name, o.lr, tuple(o.betas), o.eps, o.grad_clip) == (
             "adam",

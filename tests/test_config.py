@@ -3,7 +3,9 @@
 import pytest
 import yaml
 
-from pipelines.config import ConfigError, load_config, save_config
+from pipelines.config import Config, ConfigError, from_dict, load_config, save_config
+from vqcore.models import ImageTokenizerConfig, model_config
+from vqcore.models.discriminator import Discriminator3DConfig, PatchDiscriminator2DConfig
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
@@ -13,8 +15,25 @@ def test_defaults_yaml_and_overrides(tmp_path):
     assert cfg.optim.lr == pytest.approx(3e-4)  # the override wins over the file
     assert cfg.train.steps == 7  # the file wins over the default
     assert cfg.optim.betas == (0.5, 0.9)
-    assert cfg.model["quantizer"]["type"] == "vq"
+    assert cfg.model.quantizer["type"] == "vq"
     assert cfg.optim.eps == 1e-8  # default kept
+
+
+def test_model_and_disc_are_typed_by_vqcore(tmp_path):
+    """`model` and `disc` are vqcore's typed configs; the discriminator's type defaults to the
+    model's kind (3D for a video tokenizer, PatchGAN for an image one)."""
+    cfg = load_config(None, ["model.latent_dim=8", "disc.flavour=debug"])
+    assert cfg.model == model_config({"type": "pvqvae", "flavour": "debug", "latent_dim": 8})
+    assert cfg.disc == Discriminator3DConfig.debug()
+    image = load_config(None, ["model={type: image_tokenizer, flavour: vqvae_debug}"])
+    assert isinstance(image.model, ImageTokenizerConfig) and not image.model.takes_clips
+    assert image.disc == PatchDiscriminator2DConfig()
+    # every field written out, read back to the same typed config (what a worker receives)
+    plain = cfg.to_dict()
+    assert plain["model"]["type"] == "pvqvae" and plain["model"]["latent_dim"] == 8
+    assert plain["disc"]["type"] == "disc3d" and plain["disc"]["channels"] == [8, 16, 32]
+    again = from_dict(Config, plain, "")
+    assert again.model == cfg.model and again.disc == cfg.disc
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -37,6 +56,11 @@ def test_resolved_config_round_trips(tmp_path):
         ("loss.recon=l3", "loss.recon"),
         ("run.resume=maybe", "run.resume"),
         ("optim.betas=[0.9]", "optim.betas"),
+        ("model.latent_dimm=4", "latent_dimm"),
+        ("model.flavour=huge", "huge"),
+        ("model.quantizer.codebook_sizee=4", "codebook_sizee"),
+        ("disc.channelz=4", "channelz"),
+        ("disc.kernel_size=2", "kernel_size"),
     ],
 )
 def test_bad_values_name_the_key(override, named):

@@ -14,6 +14,7 @@ import yaml
 from pipelines.config import ConfigError, load_config
 from pipelines.studies.tune import load_study
 from pipelines.studies.tune_space import check_key, parse_domain
+from vqcore.models import model_config
 
 JOB = "jobs/tune_looc.yaml"
 
@@ -23,7 +24,8 @@ JOB = "jobs/tune_looc.yaml"
 
 def test_job_parses_into_config_and_space():
     cfg, tc, _ = load_study(JOB, ["tune.num_samples=3", "optim.lr=0.002"])
-    assert cfg.model["flavour"] == "looc_vae_debug" and cfg.optim.lr == 0.002
+    assert cfg.model == model_config({"type": "image_tokenizer", "flavour": "looc_vae_debug"})
+    assert cfg.optim.lr == 0.002
     assert tc.num_samples == 3 and tc.metric == "eval/psnr" and tc.scheduler.type == "asha"
     assert 0 < cfg.train.eval_every <= tc.scheduler.grace_period  # ASHA sees evals at rungs
     assert set(tc.space) >= {"model.quantizer.codebook_size", "model.quantizer.alpha", "optim.lr"}

@@ -225,7 +225,7 @@ def run_study(study: Study, local: bool = False, command: str | None = None) -> 
     parent_id = parent.start(
         study.name,
         params={"scale": study.scale, "seeds": study.seeds, "command": command,
-                "variants": {k: c.model.get("quantizer") for k, c in study.configs.items()}},
+                "variants": {k: c.model.quantizer_specs() for k, c in study.configs.items()}},
         tags={"vqtok.kind": "ablation"},
     )  # fmt: skip
     if parent_id is None:

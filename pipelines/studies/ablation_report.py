@@ -82,12 +82,10 @@ def quantizer_label(spec: dict) -> str:
 def variant_label(cfg: Any) -> str:
     """The table's second column (`cfg`, a run Config): the quantizer, and the model
     switches of PVQ-VAE/HFSVQ."""
-    from vqcore.models import model_config
-
     model = cfg.model
-    specs = model_config(model).quantizer_specs()  # the flavour's, overrides applied
+    specs = model.quantizer_specs()  # the flavour's, overrides applied
     label = " + ".join(f"{name} {quantizer_label(s)}".strip() for name, s in specs.items())
-    off = [b for b in ("fft", "dwt") if model.get(f"use_{b}") is False]
+    off = [b for b in ("fft", "dwt") if getattr(model, f"use_{b}", None) is False]
     return label + (" w/o " + "+".join(off).upper() if off else "")
 
 

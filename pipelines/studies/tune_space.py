@@ -162,7 +162,7 @@ def check_space(tc: TuneConfig, base: dict) -> None:
 
 
 def check_key(key: str) -> None:
-    """A dotted key must name a field of the config tree (fields of dict-typed sections,
+    """A dotted key must name a field of the config tree (fields of the spec-typed sections,
     model and disc, are checked by `check_space`'s probes)."""
     where = f"tune.space.{key}"
     if key.split(".")[0] == "run":
@@ -174,6 +174,9 @@ def check_key(key: str) -> None:
         if part not in names:
             raise ConfigError(f"{where}: {part!r} is not a key of "
                               f"{'.'.join(parts[:i]) or 'the config'}; valid: {sorted(names)}")  # fmt: skip
+        field_ = next(f for f in fields(cls) if f.name == part)
+        if "spec" in field_.metadata:  # model, disc: typed by vqcore from the whole spec
+            return
         tp = get_type_hints(cls)[part]
         if tp is dict:
             return

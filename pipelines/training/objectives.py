@@ -209,7 +209,7 @@ class TokenizerObjective(Objective):
         if cfg.loss.gan_weight > 0:
             from vqcore.models.discriminator import build_discriminator
 
-            self.disc = build_discriminator(discriminator_spec(cfg, self.video)).to(device)
+            self.disc = build_discriminator(cfg.disc).to(device)
 
     def _engines(self) -> dict:
         cfg, micro = self.cfg, self.cfg.data.batch_size
@@ -346,13 +346,6 @@ def _first_unreadable(folder: Path) -> Path | None:
     return None
 
 
-def discriminator_spec(cfg: Config, video: bool) -> dict:
-    """`disc:` section, with the type defaulting to the seed's 3D D for video, PatchGAN else."""
-    return {"type": "disc3d" if video else "patch2d", **cfg.disc}
-
-
 def build_objective(cfg: Config, device: torch.device) -> Objective:
-    from vqcore.models import model_config
-
-    partwise = bool(model_config(cfg.model).step_parts)
+    partwise = bool(cfg.model.step_parts)
     return (PartwiseObjective if partwise else TokenizerObjective)(cfg, device)

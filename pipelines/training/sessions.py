@@ -88,7 +88,7 @@ class RunLog:
 
         run_id = self.tracker.run_id if self.tracker is not None else None
         identity = {"run_id": run_id} if run_id else {}
-        out = export_model(model, cfg.model, cfg.run.run_dir / "model", identity,
+        out = export_model(model, cfg.model.to_spec(), cfg.run.run_dir / "model", identity,
                            cfg.to_dict()["data"])  # fmt: skip
         if self.tracker is not None:
             self.tracker.log_model(out, "tokenizer", "model", step=cfg.train.steps)

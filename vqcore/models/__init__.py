@@ -4,7 +4,8 @@
 
 `type` picks the model (image_tokenizer, hfsvq, pvqvae); `flavour` (optional) picks a named
 base config; every other key overrides a field of that model's config dataclass. Unknown
-types, flavours and keys fail naming them.
+types, flavours and keys fail naming them. `model_config` gives the typed config
+(`TokenizerConfig`); its `to_spec()` is the dict again, every field resolved.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from vqcore.models.config import TokenizerConfig
 from vqcore.models.hfsvq import HFSVQ, HFSVQConfig
 from vqcore.models.image_tokenizer import ImageTokenizer, ImageTokenizerConfig
 from vqcore.models.pvqvae import PVQVAE, PVQVAEConfig
@@ -25,13 +27,16 @@ CONFIGS: dict[str, type] = {
 }
 
 
-def model_config(cfg: dict[str, Any]):
-    """The typed config of `{"type": NAME, "flavour": ..., **fields}`."""
+def model_config(cfg: dict[str, Any] | TokenizerConfig) -> TokenizerConfig:
+    """The typed config of `{"type": NAME, "flavour": ..., **fields}` (a typed config is
+    returned as it is)."""
+    if isinstance(cfg, TokenizerConfig):
+        return cfg
     name, spec = split_type(cfg, "model", list(CONFIGS))
     return CONFIGS[name].from_dict(spec)
 
 
-def build_model(cfg: dict[str, Any]) -> nn.Module:
+def build_model(cfg: dict[str, Any] | TokenizerConfig) -> nn.Module:
     return model_config(cfg).build()
 
 
@@ -43,6 +48,7 @@ __all__ = [
     "ImageTokenizerConfig",
     "PVQVAE",
     "PVQVAEConfig",
+    "TokenizerConfig",
     "build_model",
     "model_config",
 ]

@@ -116,6 +116,10 @@ class TokenizerConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_spec(self) -> dict[str, Any]:
+        """`{"type": name, **fields}`: every field resolved, `model_config` reads it back."""
+        return {"type": self.name, **self.to_dict()}
+
     def quantizer_specs(self) -> dict[str, dict[str, Any]]:
         return {"": self.quantizer_config()}
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -74,6 +74,8 @@ def _check_input(name: str, x: torch.Tensor, ndim: int, channels: int) -> None:
 class PatchDiscriminator2DConfig:
     """PatchGAN settings; defaults are VQGAN's (ndf=64, 3 layers, BatchNorm)."""
 
+    name: ClassVar[str] = "patch2d"
+
     in_channels: int = 3
     channels: int = 64  # ndf: width of the first conv
     num_layers: int = 3  # stride-2 convs; receptive field 70×70 at 3
@@ -90,6 +92,10 @@ class PatchDiscriminator2DConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_spec(self) -> dict[str, Any]:
+        """`{"type": name, **fields}`: `discriminator_config` reads it back."""
+        return {"type": self.name, **self.to_dict()}
 
     def validate(self) -> None:
         if self.in_channels <= 0 or self.channels <= 0:
@@ -166,6 +172,8 @@ class Discriminator3DConfig:
     (×2 in H, W and, while T ≥ 2 and `pool_time`, in T), adaptive average pooling, linear head.
     """
 
+    name: ClassVar[str] = "disc3d"
+
     in_channels: int = 3
     channels: tuple[int, ...] = (64, 128, 256, 512)
     convs_per_stage: int = 1
@@ -188,6 +196,10 @@ class Discriminator3DConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_spec(self) -> dict[str, Any]:
+        """`{"type": name, **fields}`: `discriminator_config` reads it back."""
+        return {"type": self.name, **self.to_dict()}
 
     def validate(self) -> None:
         if self.in_channels <= 0 or not self.channels or min(self.channels) <= 0:
@@ -272,9 +284,26 @@ DISCRIMINATORS: dict[str, type] = {
 }
 
 
-def build_discriminator(spec: dict[str, Any]) -> nn.Module:
-    """`{"type": "patch2d" | "disc3d", "flavour": "debug", **fields}` -> a discriminator."""
+DiscriminatorConfig = PatchDiscriminator2DConfig | Discriminator3DConfig
+
+
+def discriminator_config(
+    spec: dict[str, Any] | DiscriminatorConfig, video: bool = False
+) -> DiscriminatorConfig:
+    """The typed, validated config of `{"type": "patch2d" | "disc3d", "flavour": "debug",
+    **fields}`; without a type, the seed's 3D discriminator for a video tokenizer (`video`),
+    PatchGAN for an image one. A typed config is returned as it is."""
     from vqcore.quantizers.registry import split_type
 
+    if isinstance(spec, tuple(DISCRIMINATORS.values())):
+        return spec
+    spec = {"type": "disc3d" if video else "patch2d", **(spec or {})}
     name, rest = split_type(spec, "discriminator", list(DISCRIMINATORS))
-    return DISCRIMINATORS[name].from_dict(rest).build()
+    config = DISCRIMINATORS[name].from_dict(rest)
+    config.validate()
+    return config
+
+
+def build_discriminator(spec: dict[str, Any] | DiscriminatorConfig) -> nn.Module:
+    """`{"type": "patch2d" | "disc3d", "flavour": "debug", **fields}` -> a discriminator."""
+    return discriminator_config(spec).build()
