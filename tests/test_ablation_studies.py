@@ -68,12 +68,14 @@ STUDIES = {  # study file -> the 2 variants the test runs, and what its table mu
     "ablate_looc": (["m4", "vqvae"], ["| looc K=64 d=4 α=2 |", "| m4 > vqvae | usage ↑ |"]),
     "ablate_hrvq": (["hrvq_l2", "vq_256"], ["| hrvq K=16 ×2 |", "| hrvq_l2 > vq_256 | MSE ↓ |"]),
     "ablate_hfsvq": (["low_only", "s4"], ["F_L vq K=64 + F_H pq K=16 S=4", "| s4 > low_only | PSNR dB ↑ |"]),
+    "ablate_pvq_teacher": (["none", "contrastive"], ["+ teacher contrastive ×0.1 |", "| contrastive > none | HF-band MSE ↓ |"]),
 }  # fmt: skip
 METRICS = {  # per study: metrics every run must have (beyond eval/psnr)
     "ablate_pvq_freq": {"eval/ssim", "eval/hf_mse", "train/total"},
     "ablate_looc": {"eval/quantizer_usage", "eval/codebook_params"},
     "ablate_hrvq": {"eval/mse", "eval/quantizer_usage", "eval/encode_ms", "eval/quantize_ms"},
     "ablate_hfsvq": {"eval/hf_mse", "eval/encode_ms"},
+    "ablate_pvq_teacher": {"eval/ssim", "eval/hf_mse"},
 }
 
 
@@ -101,6 +103,14 @@ def test_study_runs_at_tiny_scale(name, tiny_data):
         l2 = next(r for r in result["runs"] if r["variant"] == "hrvq_l2")
         assert {"eval/quantizer_usage_layer1", "eval/quantizer_usage_layer2"} <= set(l2["metrics"])
         assert "| usage L2 |" in table
+    if name == "ablate_pvq_teacher":  # the teacher trained first, then aligned to
+        teacher = result["models"]["teacher"]
+        assert teacher["metrics"]["eval/psnr"] > 0 and "pq" in teacher["quantizer"]
+        aligned = next(r for r in result["runs"] if r["variant"] == "contrastive")
+        assert aligned["metrics"]["train/teacher"] > 0
+        again = run_study(study, local=True)  # the finished teacher is reused, not retrained
+        assert again["models"]["teacher"]["run"] == teacher["run"]
+        assert "seconds" not in again["models"]["teacher"]
     if name == "ablate_hfsvq":  # F_L alone inside the trained HFSVQ, beside the low-only run
         s4 = next(r for r in result["runs"] if r["variant"] == "s4")
         assert {"eval/low_psnr", "eval/low_hf_mse"} <= set(s4["metrics"])

@@ -21,6 +21,9 @@ A study file is a run config (the sections of `pipelines.config`) plus an `ablat
   run into the parent run as `<run>/<key>` on the runs' own step axis (one chart per key);
 - `data`: `{out: FOLDER, ...}` of `pipelines.studies.ablation_data.make_ablation_data`: made before the
   first run unless it is there; `{data}` in `data.shards` / `train.eval_shards` is that folder;
+- `models`: name -> overrides of the base config, as a variant's (e.g. a teacher tokenizer):
+  each is trained once, before the variants, into `<study folder>/_models/<name>` (kept and
+  reused when that run has finished), and `{models}` in any variant's value is that folder;
 - `parallel`: with `--local`, how many runs train at once, each in its own process with
   cores / parallel torch threads (default 1; one run per core is the fastest on a small CPU
   machine: a tiny model does not use 2 threads well). Under Ray runs go one after another.
@@ -76,7 +79,9 @@ from pipelines.studies.ablation_report import (
 __all__ = ["Study", "format_table", "load_study", "quantizer_label", "run_study"]
 
 SPEC_KEYS = {"study", "title", "source", "claim", "scale", "scales", "variants", "seeds",
-             "orderings", "columns", "reference", "curves", "data", "parallel", "notes"}  # fmt: skip
+             "orderings", "columns", "reference", "curves", "data", "parallel", "notes",
+             "models"}  # fmt: skip
+MODELS = "_models"  # the study folder's subfolder of the `models:` runs
 DEFAULT_CURVES = ("train/total", "eval/psnr", "eval/ssim")
 _SECTIONS = {f.name for f in fields(Config)}
 
@@ -87,6 +92,7 @@ class Study:
     scale: str
     folder: Path
     configs: dict[str, Config] = field(default_factory=dict)  # variant -> config (seed aside)
+    models: dict[str, Config] = field(default_factory=dict)  # `models:` runs, before the variants
     seeds: list[int] = field(default_factory=list)
     spec: dict = field(default_factory=dict)  # the `ablation:` section, overrides applied
     path: Path | None = None
@@ -145,27 +151,49 @@ def load_study(
     if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ConfigError(f"ablation.seeds: expected a list of integers, got {seeds!r}")
     study = Study(name, scale or "-", storage / name, seeds=list(seeds), spec=spec, path=path)
+    models = spec.get("models") or {}
+    if not isinstance(models, dict):
+        raise ConfigError(f"{path}: ablation.models: expected name -> overrides, got {models!r}")
+    for model, v in models.items():
+        study.models[model] = _variant_config(base, model, v, study.folder / MODELS, "model")
+    models_folder = str(study.folder / MODELS)
     for variant in chosen:
-        cfg_raw = copy.deepcopy(base)
-        v = all_variants[variant]
-        if not isinstance(v, dict):
-            raise ConfigError(f"ablation.variants.{variant}: expected a mapping, got {v!r}")
-        # a mapping of overrides (dotted keys, whole sections, `quantizer`), else a quantizer spec
-        plain = not v or "quantizer" in v or any("." in k or k in _SECTIONS for k in v)
-        extra = dict(v) if plain else {"quantizer": v}
-        if "quantizer" in extra:
-            _set(cfg_raw, "model.quantizer", extra.pop("quantizer"))
-        for key, value in extra.items():
-            _set(cfg_raw, key, value)
-        _set(cfg_raw, "run.name", variant)
-        _set(cfg_raw, "run.storage", str(study.folder))
-        try:
-            cfg = from_dict(Config, cfg_raw, "")
-            validate(cfg)  # builds the quantizer once: a bad key fails here
-        except ConfigError as exc:
-            raise ConfigError(f"ablation variant {variant!r}: {exc}") from exc
-        study.configs[variant] = cfg
+        v = _fill(all_variants[variant], "{models}", models_folder)
+        study.configs[variant] = _variant_config(base, variant, v, study.folder, "variant")
     return study
+
+
+def _variant_config(base: dict, name: str, v: Any, storage: Path, what: str) -> Config:
+    """`base` with a variant's overrides, run `name` under `storage`; validated."""
+    cfg_raw = copy.deepcopy(base)
+    if not isinstance(v, dict):
+        raise ConfigError(f"ablation {what} {name!r}: expected a mapping, got {v!r}")
+    # a mapping of overrides (dotted keys, whole sections, `quantizer`), else a quantizer spec
+    plain = not v or "quantizer" in v or any("." in k or k in _SECTIONS for k in v)
+    extra = dict(v) if plain else {"quantizer": v}
+    if "quantizer" in extra:
+        _set(cfg_raw, "model.quantizer", extra.pop("quantizer"))
+    for key, value in extra.items():
+        _set(cfg_raw, key, value)
+    _set(cfg_raw, "run.name", name)
+    _set(cfg_raw, "run.storage", str(storage))
+    try:
+        cfg = from_dict(Config, cfg_raw, "")
+        validate(cfg)  # builds the quantizer once: a bad key fails here
+    except ConfigError as exc:
+        raise ConfigError(f"ablation {what} {name!r}: {exc}") from exc
+    return cfg
+
+
+def _fill(value: Any, placeholder: str, text: str) -> Any:
+    """`value` with `placeholder` replaced by `text` in every string inside it."""
+    if isinstance(value, str):
+        return value.replace(placeholder, text)
+    if isinstance(value, dict):
+        return {k: _fill(v, placeholder, text) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, placeholder, text) for v in value]
+    return value
 
 
 def _set(d: dict, dotted: str, value: Any) -> None:
@@ -232,6 +260,7 @@ def run_study(study: Study, local: bool = False, command: str | None = None) -> 
         print(f"[vqtok] MLflow at {uri} unreachable: variant runs are not nested", file=sys.stderr)
     runs, status = [], "FAILED"
     curves = study.spec.get("curves", DEFAULT_CURVES)
+    models = {}
     jobs = []
     for variant, base in study.configs.items():
         for seed in study.seeds:
@@ -241,6 +270,9 @@ def run_study(study: Study, local: bool = False, command: str | None = None) -> 
             jobs.append((cfg, variant, seed))
     parallel = int(study.spec.get("parallel") or 1) if local else 1
     try:
+        for name, model_cfg in study.models.items():  # nested under the parent too
+            model_cfg.run.tracking_uri, model_cfg.run.parent_run_id = uri, parent_id
+            models[name] = _ensure_model(model_cfg, local, fit, run_extra_metrics)
         if parallel > 1:
             threads = max(1, (os.cpu_count() or 1) // parallel)
             ctx = multiprocessing.get_context("spawn")  # no fork of a process holding threads
@@ -254,6 +286,8 @@ def run_study(study: Study, local: bool = False, command: str | None = None) -> 
                 runs.append(_run_one(cfg, variant, seed, local, fit, run_extra_metrics))
                 _log_to_parent(parent, cfg, runs[-1], curves)
         result = _result(study, runs, data_sizes, command)
+        if models:
+            result["models"] = models
         text = (
             f"# {study.spec.get('title', study.name)} ({study.scale})\n\n{format_results(result)}"
         )
@@ -265,6 +299,24 @@ def run_study(study: Study, local: bool = False, command: str | None = None) -> 
     finally:
         parent.end(status)
     return result
+
+
+def _ensure_model(cfg: Config, local: bool, fit, extra) -> dict:
+    """Train a `models:` run unless its folder holds a finished one (its exported model);
+    its row (metrics of the last eval) either way. A failed one stops the study."""
+    from pipelines.store.models import load_model
+
+    done = cfg.run.run_dir / "model"
+    if done.is_dir():
+        print(f"[vqtok] ablation: reusing {done}", file=sys.stderr)
+        load_model(done)  # a broken folder fails here, naming it, not in every variant
+        metrics = _last_metrics(cfg.run.run_dir)
+        return {"run": str(cfg.run.run_dir), "quantizer": variant_label(cfg),
+                "metrics": {k: v for k, v in metrics.items() if k.startswith("eval/")}}
+    row = _run_one(cfg, cfg.run.name, cfg.train.seed, local, fit, extra)
+    if row.get("error"):
+        raise ConfigError(f"ablation model {cfg.run.name!r} failed: {row['error']}")
+    return {"run": str(cfg.run.run_dir), **row}
 
 
 def _run_in_process(job: tuple) -> dict:
@@ -299,7 +351,7 @@ def _run_one(cfg: Config, variant: str, seed: int, local: bool, fit, extra) -> d
             row["extra_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             print(f"[vqtok] scoring {cfg.run.name} failed: {row['extra_error']}", file=sys.stderr)
     row["metrics"] = {k: v for k, v in metrics.items()
-                      if k.startswith("eval/") or k == "train/total"}  # fmt: skip
+                      if k.startswith("eval/") or k in ("train/total", "train/teacher")}  # fmt: skip
     row["steps"] = int(metrics["step"]) if "step" in metrics else cfg.train.steps
     return row
 

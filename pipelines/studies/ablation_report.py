@@ -47,6 +47,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "eval/encode_ms": ("encode ms/img", "{:.2f}"),
     "eval/quantize_ms": ("quantize ms/img", "{:.3f}"),
     "train/total": ("final loss", "{:.4f}"),
+    "train/teacher": ("teacher loss", "{:.4f}"),
     # the rate and what resampling does at it, on the same frames (vqcore/references.py)
     "eval/compression_ratio": ("ratio ×", "{:.1f}"),
     "eval/bits_per_pixel": ("bits/pixel", "{:.3g}"),
@@ -80,13 +81,17 @@ def quantizer_label(spec: dict) -> str:
 
 
 def variant_label(cfg: Any) -> str:
-    """The table's second column (`cfg`, a run Config): the quantizer, and the model
-    switches of PVQ-VAE/HFSVQ."""
+    """The table's second column (`cfg`, a run Config): the quantizer, the model switches
+    of PVQ-VAE/HFSVQ, and the teacher alignment when it is on."""
     model = cfg.model
     specs = model.quantizer_specs()  # the flavour's, overrides applied
     label = " + ".join(f"{name} {quantizer_label(s)}".strip() for name, s in specs.items())
     off = [b for b in ("fft", "dwt") if getattr(model, f"use_{b}", None) is False]
-    return label + (" w/o " + "+".join(off).upper() if off else "")
+    label += " w/o " + "+".join(off).upper() if off else ""
+    loss = cfg.loss
+    if loss.teacher_weight > 0:
+        label += f" + teacher {loss.teacher.distance} ×{loss.teacher_weight:g}"
+    return label
 
 
 def _cell(value: Any, fmt: str) -> str:
@@ -235,6 +240,12 @@ def format_results(result: dict) -> str:
         parts += ["\nThe paper's orderings (reproduced = every seed of the better variant beats "
                   "every seed of the worse one; `inconclusive` with one seed):\n\n",
                   format_orderings(result["orderings"])]  # fmt: skip
+    for name, row in (result.get("models") or {}).items():  # trained before the variants
+        scores = ", ".join(f"{METRICS[k][0]} {METRICS[k][1].format(v)}"
+                           for k, v in row.get("metrics", {}).items()
+                           if k in ("eval/psnr", "eval/ssim", "eval/reference_rate_psnr"))  # fmt: skip
+        parts.append(f"\nThe study's model `{name}` ({row.get('quantizer', '')}; "
+                     f"`{Path(row['run']).name}`): {scores}.\n")  # fmt: skip
     if any(r.get("seed") is not None for r in result.get("runs", [])):
         parts += ["\n<details><summary>every run</summary>\n\n",
                   format_runs(result["runs"], result.get("columns", DEFAULT_COLUMNS)),
