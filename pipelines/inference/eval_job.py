@@ -13,6 +13,7 @@ import torch
 
 from pipelines.inference.evaluate import EvalAccumulator, evaluate, reference_table
 from pipelines.tracking.media import save_mp4, save_png
+from pipelines.tracking.progress import Progress
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,6 +40,7 @@ def evaluate_sharded(loaded, shards: list[str], overrides: list[str] = (), actor
     import itertools
 
     from pipelines.data.batches import iter_batches
+    from pipelines.data.tars import list_shards
     from pipelines.inference.batch_infer import infer, inference_data, plain_rows, unpack
 
     cfg = inference_data(loaded, shards, list(overrides))
@@ -47,12 +49,15 @@ def evaluate_sharded(loaded, shards: list[str], overrides: list[str] = (), actor
     rows = (plain_rows(loaded, list(shards), cfg, "eval") if actors == 0
             else infer(loaded, list(shards), cfg, "eval", actors=actors, use_gpu=use_gpu))  # fmt: skip
     samples, skipped = 0, {}
+    progress = Progress("eval", total=len(list_shards(cfg.shards)))
     for row in rows:
         if row["payload"]:
             acc.merge(unpack(row["payload"]))
         samples += len(row["keys"])
         for k, v in row["skipped"].items():
             skipped[k] = skipped.get(k, 0) + v
+        progress.update(done=int(row["done"] >= 0), samples=len(row["keys"]))
+    progress.close()
     metrics = acc.compute()
     metrics.update({"eval/samples": samples, "eval/skipped": sum(skipped.values())})
     _, media = evaluate(loaded.model, itertools.islice(iter_batches(cfg), 1), device,

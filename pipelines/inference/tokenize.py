@@ -40,6 +40,7 @@ from pipelines.config import ConfigError
 from pipelines.data.tars import list_shards
 from pipelines.inference.batch_infer import infer, inference_data, plain_rows, unpack
 from pipelines.store.models import LoadedModel, load_model, unflatten_codes
+from pipelines.tracking.progress import Progress
 
 MANIFEST = "manifest.json"
 
@@ -131,8 +132,12 @@ def tokenize(loaded: LoadedModel, shards: list[str], out: Path, overrides: list[
     if todo:
         rows = (plain_rows(loaded, todo, cfg, "tokenize") if actors == 0
                 else infer(loaded, todo, cfg, "tokenize", actors=actors, use_gpu=use_gpu))  # fmt: skip
+        progress = Progress("tokenize", total=len(todo))
         for row in rows:
+            before = len(writer.written)
             writer.add(row)
+            progress.update(done=len(writer.written) - before, samples=len(row["keys"]))
+        progress.close()
     wall = time.perf_counter() - t0
     if writer.pending:  # cannot happen unless a stage lost rows: say so, write nothing
         raise RuntimeError(f"incomplete shards (rows lost): {sorted(writer.pending)}")
@@ -215,9 +220,12 @@ def detokenize(loaded: LoadedModel, tokens: Path, out: Path, max_samples: int | 
     from pipelines.tracking.media import save_mp4, save_png
 
     done, skipped = 0, Counter()
-    for tar in sorted(tokens.glob("*.tar")):
+    tars = sorted(tokens.glob("*.tar"))
+    progress = Progress("detokenize", total=len(tars))
+    for tar in tars:
         for info, levels in iter_token_samples(tar, skipped):
             if max_samples is not None and done >= max_samples:
+                progress.close()
                 return done
             _check_identity(loaded, info, tar)
             x = detokenize_sample(loaded, info, levels)[:, : info["num_frames"]]
@@ -228,6 +236,9 @@ def detokenize(loaded: LoadedModel, tokens: Path, out: Path, max_samples: int | 
             else:
                 save_mp4(frames, dest.with_suffix(".mp4"))
             done += 1
+            progress.update(samples=1)
+        progress.update(done=1)
+    progress.close()
     if skipped:
         print(f"[vqtok] detokenize skipped {sum(skipped.values())} samples: {dict(skipped)}")
     return done

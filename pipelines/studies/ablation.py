@@ -233,6 +233,7 @@ def run_study(study: Study, local: bool = False, command: str | None = None) -> 
     """Make the data if asked, train and score every variant × seed, write the tables;
     returns the result (what results.json holds)."""
     from pipelines.studies.ablation_metrics import run_extra_metrics
+    from pipelines.tracking.progress import Progress
     from pipelines.tracking.tracker import Tracker
     from pipelines.training.launch import fit
 
@@ -269,6 +270,7 @@ def run_study(study: Study, local: bool = False, command: str | None = None) -> 
             cfg.run.tracking_uri, cfg.run.parent_run_id = uri, parent_id
             jobs.append((cfg, variant, seed))
     parallel = int(study.spec.get("parallel") or 1) if local else 1
+    progress = Progress("ablate", total=len(jobs), unit="runs", every_s=0)
     try:
         for name, model_cfg in study.models.items():  # nested under the parent too
             model_cfg.run.tracking_uri, model_cfg.run.parent_run_id = uri, parent_id
@@ -281,10 +283,13 @@ def run_study(study: Study, local: bool = False, command: str | None = None) -> 
                 for (cfg, _, _), row in zip(jobs, done):  # in job order, as they finish
                     runs.append(row)
                     _log_to_parent(parent, cfg, row, curves)
+                    progress.update(done=1)
         else:
             for cfg, variant, seed in jobs:
                 runs.append(_run_one(cfg, variant, seed, local, fit, run_extra_metrics))
                 _log_to_parent(parent, cfg, runs[-1], curves)
+                progress.update(done=1)
+        progress.close()
         result = _result(study, runs, data_sizes, command)
         if models:
             result["models"] = models
