@@ -28,6 +28,12 @@ _WORKER_ENV = (
 RAY_DATA_LOGGING = os.path.join(os.path.dirname(__file__), "ray_data_logging.yaml")
 
 
+# in the environment of the processes of a private local Ray (set only while `ray.init`
+# starts them): "<driver pid>:<its start time>"; when that driver is gone (SIGKILLed) and
+# they are not, the next vqtok run that starts a local Ray stops them
+OWNER = "VQTOK_LOCAL_RAY_OWNER"
+
+
 def verbose() -> bool:
     """`vqtok --verbose` (or VQTOK_VERBOSE=1): let Ray, DeepSpeed and torch say everything."""
     return os.environ.get("VQTOK_VERBOSE", "") not in ("", "0")
@@ -53,6 +59,7 @@ def init_ray(**kwargs) -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        reap_orphans()
         if not verbose():
             os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", RAY_DATA_LOGGING)
         kwargs = {"include_dashboard": True, "dashboard_host": "127.0.0.1",
@@ -67,8 +74,42 @@ def init_ray(**kwargs) -> None:
         os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
         kwargs.setdefault("logging_config", ray.LoggingConfig(log_level="WARNING"))
     env = {"env_vars": {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}}
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", runtime_env=env, **kwargs)
+    local = not os.environ.get("RAY_ADDRESS")
+    if local:  # inherited by the Ray processes started now, not by this driver's later children
+        os.environ[OWNER] = _owner(os.getpid())
+    try:
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", runtime_env=env, **kwargs)
+    finally:
+        if local:
+            os.environ.pop(OWNER, None)
 
+
+
+def _owner(pid: int) -> str:
+    from pipelines.cluster.procs import start_time
+
+    return f"{pid}:{start_time(pid)}"
+
+
+def reap_orphans(grace_s: float = 6.0) -> list[str]:
+    """Stop what private local Rays left behind when their driver died without stopping
+    them (a SIGKILLed `vqtok train`: raylet, GCS, dashboard and runtime-env agents, idle
+    workers). Only processes tagged with `OWNER` whose owner is no longer alive are
+    signalled: never another user's Ray, a `vqtok cluster up` cluster or a live run's.
+    Returns "pid cmdline" of those stopped, and says so in one line."""
+    from pipelines.cluster.procs import cmdline, stop_tagged, tag_values
+
+    stopped = []
+    for value, pids in tag_values(OWNER).items():
+        owner = value.split(":")[0]
+        if owner.isdigit() and _owner(int(owner)) == value:
+            continue  # its driver still runs
+        stopped += [f"{pid} {cmdline(pid)[:60]}" for pid in pids]
+        stop_tagged(OWNER, value, ("/raylet", "/gcs_server"), grace_s)
+    if stopped:
+        print(f"[vqtok] stopped {len(stopped)} processes a killed run's local Ray left "
+              "behind", flush=True)  # fmt: skip
+    return stopped
 
 
 def cluster_has_gpus() -> bool:

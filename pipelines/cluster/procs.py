@@ -17,7 +17,8 @@ import signal
 import time
 import urllib.request
 
-__all__ = ["alive", "cmdline", "http_ok", "read_bytes", "stop_tagged", "tagged_pids"]
+__all__ = ["alive", "cmdline", "http_ok", "read_bytes", "start_time", "stop_tagged",
+           "tag_values", "tagged_pids"]
 
 
 def read_bytes(path: str) -> bytes:
@@ -48,6 +49,26 @@ def tagged_pids(name: str, value: str) -> list[int]:
             if needle in read_bytes(f"/proc/{entry}/environ").split(b"\0") and alive(int(entry)):
                 found.append(int(entry))
     return sorted(found)
+
+
+def tag_values(name: str) -> dict[str, list[int]]:
+    """{value: live pids} of every process (not this one) whose environment sets `name`."""
+    prefix = f"{name}=".encode()
+    found: dict[str, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            for var in read_bytes(f"/proc/{entry}/environ").split(b"\0"):
+                if var.startswith(prefix) and alive(int(entry)):
+                    found.setdefault(var[len(prefix):].decode(errors="replace"), []).append(
+                        int(entry))
+    return found
+
+
+def start_time(pid: int) -> str:
+    """The process's start time (clock ticks since boot, /proc/PID/stat field 22): with the
+    pid, names one process, not a later one given the same pid; "" when it is gone."""
+    stat = read_bytes(f"/proc/{pid}/stat")
+    return stat.rsplit(b")", 1)[-1].split()[19].decode() if stat else ""
 
 
 def _executable(pid: int) -> str:

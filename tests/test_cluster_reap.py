@@ -1,0 +1,60 @@
+"""A SIGKILLed driver's private local Ray does not outlive it for long: its processes carry
+the driver's identity (`connect.OWNER`), and the next local Ray that vqtok starts stops
+them; a live driver's Ray is never touched (issue 21 item 5)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipelines.cluster.connect import OWNER, reap_orphans
+from pipelines.cluster.procs import alive, tag_values
+
+DRIVER = (
+    "import time\n"
+    "from pipelines.cluster.connect import init_ray\n"
+    "init_ray(num_cpus=1, include_dashboard=False)\n"
+    "print('up', flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+def _owned_by(pid: int) -> list[int]:
+    return [p for value, pids in tag_values(OWNER).items()
+            if value.split(":")[0] == str(pid) for p in pids]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_killed_drivers_local_ray_is_reaped_and_a_live_ones_is_not():
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "RAY_ADDRESS": ""})  # fmt: skip
+    try:
+        assert driver.stdout.readline().strip() == "up"
+        ray_pids = _owned_by(driver.pid)
+        assert ray_pids, "the local Ray's processes carry their driver's identity"
+        assert OWNER not in os.environ  # only Ray's processes, not the driver's later children
+        assert not any(str(p) in line.split()[0] for line in reap_orphans() for p in ray_pids)
+        assert all(alive(p) for p in ray_pids)  # the driver lives: nothing of it stopped
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+        time.sleep(2)
+        left = [p for p in _owned_by(driver.pid) if alive(p)]
+        assert left, "today's failure: the Ray of a SIGKILLed driver stays behind"
+        stopped = reap_orphans()
+        assert {int(line.split()[0]) for line in stopped} >= set(left)
+        deadline = time.monotonic() + 30
+        while [p for p in left if alive(p)] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not [p for p in left if alive(p)]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        for p in _owned_by(driver.pid):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
