@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import tarfile
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -110,3 +111,40 @@ def test_training_runs_from_shards_in_the_bucket(s3, tmp_path, ray_local):
                                           "train.steps=2", "loss.gan_weight=0"])  # fmt: skip
     metrics = fit(cfg)
     assert metrics["step"] == 2 and metrics["data/samples"] > 0 and metrics["eval/samples"] > 0
+
+
+def test_tokenize_writes_to_the_bucket_and_resumes_there(s3, shards, tmp_path):
+    """`vqtok tokenize --out s3://…`: token shards and their stats uploaded as they complete,
+    the manifest beside them, nothing left on local disk; a second run finds them done and
+    writes nothing; another model is refused there as in a folder."""
+    import json
+
+    import torch
+
+    from pipelines.cli import main
+    from pipelines.data.shards import download
+    from pipelines.inference.tokenize import iter_token_samples, token_shard_name
+    from pipelines.store.models import export_model
+    from vqcore.models import build_model
+
+    torch.manual_seed(0)
+    cfg = {"type": "pvqvae", "flavour": "debug"}
+    model = export_model(build_model(cfg), cfg, tmp_path / "model")
+    src = list_shards([f"{s3}/demo/train-*.tar"])
+    out = f"{s3}/tokens"
+    args = ["tokenize", "--model", str(model), "--data", *src, "--out", out, "--actors", "0",
+            "data.resolutions=[[32,32]]", "data.frame_counts=[4]"]  # fmt: skip
+    assert main(args) == 0
+    assert not list(Path(tempfile.gettempdir()).glob("vqtok-tokens-*"))  # staging removed
+    names = sorted(u.rsplit("/", 1)[1] for u in list_shards([f"{out}/*.tar"]))
+    assert names == sorted(token_shard_name(s) for s in src)
+    manifest = json.loads(download(f"{out}/manifest.json", tmp_path / "m.json").read_text())
+    assert manifest["totals"]["shards"] == len(src) and manifest["this_run"]["shards_written"]
+    tar = download(f"{out}/{names[0]}", tmp_path / names[0])
+    assert sum(1 for _ in iter_token_samples(tar)) == manifest["shards"][0]["samples"] > 0
+    assert main(args) == 0  # resumed: every shard is there already
+    again = json.loads(download(f"{out}/manifest.json", tmp_path / "m2.json").read_text())
+    assert again["this_run"]["shards_written"] == 0 and again["totals"] == manifest["totals"]
+    torch.manual_seed(1)
+    other = export_model(build_model(cfg), cfg, tmp_path / "other")
+    assert main([*args[:2], str(other), *args[3:]]) == 2  # another model: a one-line error

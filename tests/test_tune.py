@@ -95,7 +95,7 @@ def ray_tune():
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_trial_study_ends_with_best_config_and_nested_runs(tmp_path, ray_tune):
+def test_two_trial_study_ends_with_best_config_and_nested_runs(tmp_path, ray_tune, capsys):
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -113,6 +113,9 @@ def test_two_trial_study_ends_with_best_config_and_nested_runs(tmp_path, ray_tun
     assert cfg.scaling.num_workers == 1 and cfg.scaling.cpus_per_worker == 0.45
     summary = run_study(cfg, tc, base)
     study = cfg.run.run_dir
+    out = capsys.readouterr().out  # vqtok's line per trial event, not Tune's status tables
+    assert out.count(" started: model.quantizer.") == 2 and out.count(" ended at step ") == 2, out
+    assert "step 2: eval/psnr " in out and "Trial status" not in out, out
 
     rows = json.loads((study / "trials.json").read_text())["trials"]
     assert len(rows) == 2 and len((study / "trials.csv").read_text().splitlines()) == 3

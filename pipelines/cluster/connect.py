@@ -60,6 +60,9 @@ def init_ray(**kwargs) -> None:
             port = s.getsockname()[1]
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         reap_orphans()
+        # one machine: no node can be drained; Ray Train's PreemptionWatcher (it only logs
+        # drain events) would end every run with an error-level line from the core worker
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         if not verbose():
             os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", RAY_DATA_LOGGING)
         kwargs = {"include_dashboard": True, "dashboard_host": "127.0.0.1",

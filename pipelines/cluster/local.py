@@ -200,6 +200,10 @@ def up(folder: Path, host: str = "127.0.0.1", num_cpus: int | None = None,
         "RAY_agent_register_timeout_ms": os.environ.get("RAY_agent_register_timeout_ms")
         or str(int(timeout_s * 1000)),
         "RAY_USAGE_STATS_ENABLED": "0",
+        # one machine: no node can be drained. Ray Train's PreemptionWatcher (it only logs
+        # drain events) ends every run with an error-level line from the core worker
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get(
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"),
     }
     cmd = ray_head_argv(bin_dir, temp_dir, ports, host, num_cpus, num_gpus)
     start_log = logs / "ray-start.log"

@@ -227,7 +227,7 @@ class ShardSink:
 
     def _finished(self, path: str) -> None:
         if self.remote:
-            _upload(Path(path), f"{self.remote}/{Path(path).name}")
+            upload(Path(path), f"{self.remote}/{Path(path).name}")
             os.remove(path)
         self.shards.append(path)
 
@@ -272,18 +272,29 @@ class ShardSink:
         path = self.out_dir / f"{self.prefix}.manifest.json"
         path.write_text(json.dumps(manifest, indent=2) + "\n")
         if self.remote:
-            _upload(path, f"{self.remote}/{path.name}")
+            upload(path, f"{self.remote}/{path.name}")
             shutil.rmtree(self.out_dir, ignore_errors=True)
         return manifest
 
 
-def _upload(path: Path, uri: str) -> None:
+def upload(path: Path, uri: str) -> None:
     """Copy a local file to a URI through pyarrow.fs (the layer the readers use)."""
     import pyarrow.fs
 
     fs, target = pyarrow.fs.FileSystem.from_uri(uri)
     with path.open("rb") as src, fs.open_output_stream(target) as dst:
         shutil.copyfileobj(src, dst, 1 << 22)
+
+
+def download(uri: str, path: Path) -> Path:
+    """Copy a URI's file to a local path through pyarrow.fs."""
+    import pyarrow.fs
+
+    fs, source = pyarrow.fs.FileSystem.from_uri(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with fs.open_input_stream(source) as src, path.open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 22)
+    return path
 
 
 def write_shards(

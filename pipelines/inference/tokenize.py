@@ -27,7 +27,9 @@ import argparse
 import io
 import json
 import os
+import shutil
 import tarfile
+import tempfile
 import time
 import zlib
 from collections import Counter
@@ -37,6 +39,7 @@ import numpy as np
 import torch
 
 from pipelines.config import ConfigError
+from pipelines.data.shards import download, upload
 from pipelines.data.tars import list_shards
 from pipelines.inference.batch_infer import infer, inference_data, plain_rows, unpack
 from pipelines.store.models import LoadedModel, load_model, unflatten_codes
@@ -72,8 +75,8 @@ class ShardWriter:
     """Collects one input shard's samples as rows arrive (any order); writes its token tar
     atomically once its `done` row and every decoded sample are in."""
 
-    def __init__(self, out: Path, loaded: LoadedModel, decode: dict):
-        self.out, self.loaded, self.decode = out, loaded, decode
+    def __init__(self, out: Path, loaded: LoadedModel, decode: dict, remote: str | None = None):
+        self.out, self.loaded, self.decode, self.remote = out, loaded, decode, remote
         self.pending: dict[str, dict] = {}
         self.written: list[dict] = []
 
@@ -112,23 +115,52 @@ class ShardWriter:
                 for n, c in levels.items():
                     _add(tar, f"{key}.{n}.npy", _npy(c))
         os.replace(tmp, self.out / name)
+        if self.remote:  # uploaded as it completes; only its stats stay in the staging folder
+            for f in (self.out / name, self.out / f"{name}.stats.json"):
+                upload(f, f"{self.remote}/{f.name}")
+            (self.out / name).unlink()
         return stats
 
 
-def tokenize(loaded: LoadedModel, shards: list[str], out: Path, overrides: list[str] = (),
+def tokenize(loaded: LoadedModel, shards: list[str], out: str | Path, overrides: list[str] = (),
              actors: int = 2, use_gpu: bool = False) -> dict:  # fmt: skip
-    """Tokenize every input shard not yet in `out`; returns the manifest. `actors=0` runs the
+    """Tokenize every input shard not yet in `out` (a folder, or a URI such as
+    `s3://bucket/tokens`: token shards are uploaded as they complete, through a local
+    staging folder that holds one at a time); returns the manifest. `actors=0` runs the
     same stages in this process (no Ray); otherwise Ray must be initialised."""
-    cfg = inference_data(loaded, shards, list(overrides))
+    remote = str(out).rstrip("/") if "://" in str(out) else None
+    out = _pull_records(remote) if remote else Path(out)
+    try:
+        return _tokenize(loaded, shards, out, remote, list(overrides), actors, use_gpu)
+    finally:
+        if remote:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def _pull_records(remote: str) -> Path:
+    """A local staging folder with the JSON records (manifest, per-shard stats) already at
+    `remote`, so a run there resumes and checks the model as a local folder does."""
+    staging = Path(tempfile.mkdtemp(prefix="vqtok-tokens-"))
+    for uri in list_shards([f"{remote}/*.json"]):
+        download(uri, staging / uri.rsplit("/", 1)[1])
+    return staging
+
+
+def _tokenize(loaded: LoadedModel, shards: list[str], out: Path, remote: str | None,
+              overrides: list[str], actors: int, use_gpu: bool) -> dict:  # fmt: skip
+    cfg = inference_data(loaded, shards, overrides)
     sources = list_shards(cfg.shards)
     if not sources:
         raise ConfigError(f"no shards match {list(shards)}")
     decode = {"resolution": list(cfg.resolutions[0]), "frames": cfg.frame_counts[0],
               "frame_stride": cfg.frame_stride}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    _check_same_model(out, loaded, decode)
-    todo = [s for s in sources if not (out / token_shard_name(s)).is_file()]
-    writer, t0 = ShardWriter(out, loaded, decode), time.perf_counter()
+    _check_same_model(out, loaded, decode, remote)
+    done = {p.name for p in out.glob("*.tar")}
+    if remote:
+        done |= {u.rsplit("/", 1)[1] for u in list_shards([f"{remote}/*.tar"])}
+    todo = [s for s in sources if token_shard_name(s) not in done]
+    writer, t0 = ShardWriter(out, loaded, decode, remote), time.perf_counter()
     if todo:
         rows = (plain_rows(loaded, todo, cfg, "tokenize") if actors == 0
                 else infer(loaded, todo, cfg, "tokenize", actors=actors, use_gpu=use_gpu))  # fmt: skip
@@ -141,8 +173,9 @@ def tokenize(loaded: LoadedModel, shards: list[str], out: Path, overrides: list[
     wall = time.perf_counter() - t0
     if writer.pending:  # cannot happen unless a stage lost rows: say so, write nothing
         raise RuntimeError(f"incomplete shards (rows lost): {sorted(writer.pending)}")
+    done |= {e["output"] for e in writer.written}
     entries = [json.loads(p.read_text()) for p in sorted(out.glob("*.tar.stats.json"))
-               if (out / p.name.removesuffix(".stats.json")).is_file()]  # fmt: skip
+               if p.name.removesuffix(".stats.json") in done]  # fmt: skip
     new = {"samples": sum(e["samples"] for e in writer.written),
            "tokens": sum(e["tokens"] for e in writer.written)}  # fmt: skip
     skipped = Counter()
@@ -159,22 +192,24 @@ def tokenize(loaded: LoadedModel, shards: list[str], out: Path, overrides: list[
                      "tokens_per_s": new["tokens"] / wall if wall > 0 else 0.0},
     }  # fmt: skip
     _write_json(out / MANIFEST, manifest)
+    if remote:
+        upload(out / MANIFEST, f"{remote}/{MANIFEST}")
     return manifest
 
 
-def _check_same_model(out: Path, loaded: LoadedModel, decode: dict) -> None:
-    f = out / MANIFEST
+def _check_same_model(out: Path, loaded: LoadedModel, decode: dict, remote: str | None) -> None:
+    f, where = out / MANIFEST, remote or out
     if not f.is_file():
         return
     old = json.loads(f.read_text())
     for key in ("config_hash", "weights_hash"):
         if old["model"].get(key) != loaded.identity.get(key):
             raise ConfigError(
-                f"{out} holds tokens of another model ({key} "
+                f"{where} holds tokens of another model ({key} "
                 f"{old['model'].get(key)} != {loaded.identity.get(key)}); use a new --out"
             )
     if old["decode"] != decode:
-        raise ConfigError(f"{out} was made with decode {old['decode']}, "
+        raise ConfigError(f"{where} was made with decode {old['decode']}, "
                          f"not {decode}; use a new --out")  # fmt: skip
 
 
@@ -270,7 +305,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="runs:/<id>/model, models:/<name>/<version>, "
                    "a run, checkpoint or exported model folder")  # fmt: skip
     p.add_argument("--data", nargs="+", required=True, help="input shards (files, folders, globs)")
-    p.add_argument("--out", type=Path, required=True, help="folder for the token shards")
+    p.add_argument("--out", required=True,
+                   help="folder or URI (s3://bucket/tokens, any pyarrow.fs URI) for the token shards")  # fmt: skip
     p.add_argument("--actors", type=int, default=2, help="model actors (0: no Ray)")
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="one GPU per actor, bf16 (default: when the Ray cluster has GPUs)")  # fmt: skip

@@ -141,6 +141,8 @@ def _tuner(cfg: Config, tc: TuneConfig, base: dict, study: dict, concurrency: in
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from pipelines.cluster.connect import verbose
+    from pipelines.studies.tune_lines import TrialLines
     from pipelines.studies.tune_trial import run_trial
 
     # Trials run in the job's working directory (relative shard paths), as `vqtok train` does.
@@ -164,9 +166,12 @@ def _tuner(cfg: Config, tc: TuneConfig, base: dict, study: dict, concurrency: in
         tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, num_samples=tc.num_samples,
             max_concurrent_trials=limit, scheduler=scheduler, search_alg=search,
             trial_dirname_creator=_trial_id),
-        # a failed trial is retried whole, from its checkpoint (see `run_trial`)
+        # a failed trial is retried whole, from its checkpoint (see `run_trial`); vqtok's
+        # line per trial event instead of Tune's status tables, unless --verbose
         run_config=tune.RunConfig(name="tune", storage_path=str(cfg.run.run_dir),
-            failure_config=tune.FailureConfig(max_failures=cfg.scaling.max_failures)),
+            failure_config=tune.FailureConfig(max_failures=cfg.scaling.max_failures),
+            verbose=None if verbose() else 0,
+            callbacks=[TrialLines(tc.metric, list(tc.space), cfg.train.steps)]),
     )  # fmt: skip
 
 
