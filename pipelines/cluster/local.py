@@ -48,6 +48,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pipelines.cluster.connect import RAY_DATA_LOGGING, verbose
 from pipelines.cluster.procs import cmdline, http_ok, read_bytes, stop_tagged, tagged_pids
 from pipelines.tracking.server import free_port, start_mlflow_server
 
@@ -205,6 +206,8 @@ def up(folder: Path, host: str = "127.0.0.1", num_cpus: int | None = None,
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get(
             "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"),
     }
+    if not verbose():  # Ray Data's console at WARNING: this file exists on the one machine
+        env.setdefault("RAY_DATA_LOGGING_CONFIG", RAY_DATA_LOGGING)
     cmd = ray_head_argv(bin_dir, temp_dir, ports, host, num_cpus, num_gpus)
     start_log = logs / "ray-start.log"
     with ThreadPoolExecutor(1) as pool:  # MLflow boots (~6-60 s) while Ray starts

@@ -15,6 +15,10 @@ from mlflow.models import set_model
 
 
 class TokenizerPyfunc(mlflow.pyfunc.PythonModel):
+    # no MLflow schema validation by type hint (the model checks its own input): MLflow
+    # 3's PythonModel.__init_subclass__ skips the check, and its warning, on this attribute
+    _skip_type_hint_validation = True
+
     def load_context(self, context):
 
         from pipelines.store.models import CONFIG, WEIGHTS, build_from_files
