@@ -127,6 +127,7 @@ def _check_kuberay_split(spec: dict) -> str:
     pod. Returns the shared mount path."""
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
+    assert spec["authOptions"] == {"mode": "token"}  # KubeRay's token auth, not disabled
     pods = [head["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
     gpus = {}
     for g in spec["workerGroupSpecs"]:
@@ -141,6 +142,7 @@ def _check_kuberay_split(spec: dict) -> str:
         memory = container["resources"]["requests"]["memory"]
         assert memory.endswith("Gi") and int(memory[:-2]) <= 512, memory  # fits real nodes
         assert "MLFLOW_TRACKING_URI" in {e["name"] for e in container["env"]}
+        assert "RAY_AUTH_MODE" not in {e["name"] for e in container["env"]}  # KubeRay sets it
         claims = {v["name"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
         mounts |= {m["mountPath"] for m in container["volumeMounts"] if m["name"] in claims}
     assert len(mounts) == 1, mounts
