@@ -88,7 +88,20 @@ def check_quantizer_spec(owner: str, quantizer: dict[str, Any], latent_dim: int)
         )
 
 
-class TokenizerConfig:
+class SpecConfig:
+    """A dataclass config that writes itself back as the spec it is built from."""
+
+    name: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_spec(self) -> dict[str, Any]:
+        """`{"type": name, **fields}`: every field resolved; the builder reads it back."""
+        return {"type": self.name, **self.to_dict()}
+
+
+class TokenizerConfig(SpecConfig):
     """Base of the model configs, and all an application needs to know about a model
     (so `pipelines/` never tests a model's type name):
 
@@ -104,7 +117,6 @@ class TokenizerConfig:
 
     Subclasses are dataclasses that set `name` and `flavours` and define `build()`."""
 
-    name: ClassVar[str]
     flavours: ClassVar[dict[str, Any]]
     takes_clips: ClassVar[bool] = False
     step_parts: ClassVar[tuple[str, ...]] = ()
@@ -112,13 +124,6 @@ class TokenizerConfig:
     @classmethod
     def from_dict(cls, spec: dict[str, Any] | TokenizerConfig | None):
         return from_flavour(cls.name, cls, cls.flavours, spec)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_spec(self) -> dict[str, Any]:
-        """`{"type": name, **fields}`: every field resolved, `model_config` reads it back."""
-        return {"type": self.name, **self.to_dict()}
 
     def quantizer_specs(self) -> dict[str, dict[str, Any]]:
         return {"": self.quantizer_config()}

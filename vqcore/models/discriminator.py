@@ -19,7 +19,6 @@ judges video.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -27,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from vqcore.models.config import from_flavour
+from vqcore.models.config import SpecConfig, from_flavour
 
 NORMS = ("batch", "group", "none")
 
@@ -71,7 +70,7 @@ def _check_input(name: str, x: torch.Tensor, ndim: int, channels: int) -> None:
 
 
 @dataclass
-class PatchDiscriminator2DConfig:
+class PatchDiscriminator2DConfig(SpecConfig):
     """PatchGAN settings; defaults are VQGAN's (ndf=64, 3 layers, BatchNorm)."""
 
     name: ClassVar[str] = "patch2d"
@@ -89,13 +88,6 @@ class PatchDiscriminator2DConfig:
     @classmethod
     def from_dict(cls, spec: dict[str, Any] | None) -> PatchDiscriminator2DConfig:
         return from_flavour("patch2d", cls, {"default": cls(), "debug": cls.debug()}, spec)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_spec(self) -> dict[str, Any]:
-        """`{"type": name, **fields}`: `discriminator_config` reads it back."""
-        return {"type": self.name, **self.to_dict()}
 
     def validate(self) -> None:
         if self.in_channels <= 0 or self.channels <= 0:
@@ -166,7 +158,7 @@ class PatchDiscriminator2D(nn.Module):
 
 
 @dataclass
-class Discriminator3DConfig:
+class Discriminator3DConfig(SpecConfig):
     """PVQ-VAE's 3D discriminator (seed 004, sec. 2.2): one stage per entry of `channels`,
     each `convs_per_stage` × (Conv3d k³ → SiLU → BatchNorm3d), max-pooling between stages
     (×2 in H, W and, while T ≥ 2 and `pool_time`, in T), adaptive average pooling, linear head.
@@ -193,13 +185,6 @@ class Discriminator3DConfig:
             if isinstance(spec.get(key), list):
                 spec[key] = tuple(spec[key])
         return from_flavour("disc3d", cls, {"default": cls(), "debug": cls.debug()}, spec)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_spec(self) -> dict[str, Any]:
-        """`{"type": name, **fields}`: `discriminator_config` reads it back."""
-        return {"type": self.name, **self.to_dict()}
 
     def validate(self) -> None:
         if self.in_channels <= 0 or not self.channels or min(self.channels) <= 0:
