@@ -87,7 +87,6 @@ def init_ray(**kwargs) -> None:
             os.environ.pop(OWNER, None)
 
 
-
 def _owner(pid: int) -> str:
     from pipelines.cluster.procs import start_time
 
