@@ -58,6 +58,14 @@ def test_rvq_level_i_sees_input_minus_earlier_levels(spec):
     torch.testing.assert_close(out.z_q, sum(parts), atol=1e-6, rtol=0)
 
 
+def test_pyramid_scales_no_level_by_default():
+    """PVQ's levels differ in resolution, not magnitude: s_k = 1 for LFQ children too (VAR,
+    Alg. 1), where rvq_lfq halves each level; an explicit scale_decay still applies."""
+    assert build({"type": "pyramid", "dim": 4}).level_scales == [1, 1, 1]
+    assert build({"type": "pyramid", "dim": 4, "scale_decay": 0.5}).level_scales == [1, 0.5, 0.25]
+    assert build({"type": "rvq_lfq", "dim": 4, "num_quantizers": 3}).level_scales == [1, 0.5, 0.25]
+
+
 def test_rvq_lfq_refines_like_a_binary_expansion():
     """Levels at scales 1, 1/2, 1/4, 1/8: each halves the residual's range, so for |z| < 2 the
     error after 4 levels is below 1/8 (hand computation)."""
@@ -202,7 +210,7 @@ def test_pyramid_downsample_is_the_block_mean_over_existing_cells():
     torch.testing.assert_close(
         up, block.repeat_interleave(2, -2).repeat_interleave(2, -1)[..., :3, :5]
     )
-    torch.testing.assert_close(seen[1], (z - up) / 0.5)  # fine level: (z - coarse) / s_1
+    torch.testing.assert_close(seen[1], (z - up) / q.level_scales[1])  # fine: (z - coarse) / s_1
 
 
 def test_pyramid_bits_per_token():

@@ -13,7 +13,10 @@ back to n. φ_k: identity, or with `projections` a learned per-scale 1×1 conv i
 the identity (VAR's per-scale φ, here 1×1; PVQ-VAE's "projections"), applied in forward and
 decode alike. Q_k: any registered family from `inner` — `lfq` (default) is PVQ, `vq` is the
 PSVQ row of the ablation; `shared_codebook` gives one codebook for every scale as in VAR.
-s_k = scale_decay^k as in `rvq`.
+s_k = scale_decay^k as in `rvq`, but 1 by default for every child: a level's residual is
+finer in resolution, not smaller in magnitude (VAR's Alg. 1 scales no level). With 0.5, the
+rvq_lfq default, the one full-resolution level of a 3-scale PVQ was worth a quarter of the
+coarsest and PVQ trailed single LFQ (BENCHMARKS.md "PVQ's level scaling").
 
 Everything else (child losses summed, straight-through ∂ẑ/∂z = I for straight-through
 children, per-scale usage rows, scale factors) is `ResidualQuantizer`'s, with P_k = up_k∘down_k
@@ -46,6 +49,7 @@ UPSAMPLE = ("nearest", "linear")
 class PyramidConfig(LevelsConfig):
     type: ClassVar[str] = "pyramid"
     default_inner: ClassVar[str] = "lfq"
+    lfq_decay: ClassVar[float] = 1.0  # levels differ in resolution, not magnitude (see above)
     inner: dict[str, Any] = field(default_factory=lambda: {"type": "lfq"})  # lfq: PVQ, vq: PSVQ
     scales: list[float] = field(default_factory=lambda: [4, 2, 1])  # factors, coarse to fine
     downsample_time: bool = False  # also pool T of (B, C, T, H, W) input by the factor

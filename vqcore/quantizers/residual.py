@@ -69,11 +69,12 @@ class LevelsConfig(QuantizerConfig):
     pyramid)."""
 
     default_inner: ClassVar[str] = "vq"  # child type used when `inner` names none
+    lfq_decay: ClassVar[float] = 0.5  # scale_decay when None and the child is lfq
     # child config, any registered family; `dim` is filled in (= this dim)
     inner: dict[str, Any] = field(default_factory=lambda: {"type": "vq"})
     shared_codebook: bool = False  # one Codebook for every level (child must have one, e.g. vq)
-    # level i quantizes residual / scale_decay^i and scales back; None: 0.5 for lfq children
-    # (fixed ±1 codes), 1.0 otherwise (learned codebooks follow the residual's scale)
+    # level i quantizes residual / scale_decay^i and scales back; None: `lfq_decay` for lfq
+    # children (fixed ±1 codes), 1.0 otherwise (learned codebooks follow the residual's scale)
     scale_decay: float | None = None
 
     @property
@@ -92,7 +93,7 @@ class LevelsConfig(QuantizerConfig):
     def level_scale(self, i: int) -> float:
         decay = self.scale_decay
         if decay is None:
-            decay = 0.5 if self.child_config().type == "lfq" else 1.0
+            decay = self.lfq_decay if self.child_config().type == "lfq" else 1.0
         return decay**i
 
     def validate(self) -> None:
