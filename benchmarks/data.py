@@ -36,11 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.data.batches import BatchStream, DataConfig, build_dataset, iter_batches
+from pipelines.data.batches import DataConfig, iter_batches
 from pipelines.data.decode import decode_video
 from pipelines.data.demo_data import pan_zoom_frames, photos
+from pipelines.data.ray_dataset import build_dataset
 from pipelines.data.sampling import frame_window
 from pipelines.data.shards import ShardSink, encode_h264, make_key
+from pipelines.data.stream import BatchStream
 from pipelines.data.tars import iter_tar_samples
 
 
@@ -59,9 +61,9 @@ def _rev() -> str:
         return "none"
 
 
-def make_clips(out: Path, n: int, size: int, frames: int) -> list[str]:
+def make_clips(out: Path, n: int, size: int, frames: int, per_shard: int = 8) -> list[str]:
     rng = np.random.default_rng(0)
-    sink = ShardSink(out, "bench", max_count=max(1, n // 4))
+    sink = ShardSink(out, "bench", max_count=per_shard)
     pics = list(photos().items())
     for i in range(n):
         name, img = pics[i % len(pics)]
@@ -88,6 +90,24 @@ def ray_cpu_seconds(ds) -> float:
     return sum(float(v) * _UNITS[u] for v, u in totals)
 
 
+def operator_stats(text: str) -> list[dict]:
+    """Per operator of the last execution (`Dataset.stats()`): its name, tasks, and the
+    totals of remote wall / CPU seconds and output bytes (what each stage costs)."""
+    ops = []
+    for part in re.split(r"\n(?=Operator \d+ )", text):
+        head = re.match(r"Operator \d+ (.+?): (\d+) tasks", part)
+        if not head:
+            continue
+        op = {"operator": head.group(1), "tasks": int(head.group(2))}
+        for key, label in (("wall_s", "Remote wall time"), ("cpu_s", "Remote cpu time")):
+            m = re.search(label + r": .*?([\d.]+)(us|ms|s) total", part)
+            op[key] = round(float(m.group(1)) * _UNITS[m.group(2)], 3) if m else None
+        m = re.search(r"Output size bytes per block: .*?(\d+) total", part)
+        op["output_bytes"] = int(m.group(1)) if m else None
+        ops.append(op)
+    return ops
+
+
 def _timed(name: str, run_once, repeats: int, cpu_seconds=None) -> dict:
     """Wall and CPU frames/s over `repeats` runs. Wall: best-of (the machine may be shared);
     CPU (this process, or `cpu_seconds()` for work done elsewhere): median."""
@@ -108,53 +128,115 @@ def _timed(name: str, run_once, repeats: int, cpu_seconds=None) -> dict:
     }
 
 
-def raw_case(backend: str, shards: list[str], frames: int, window: int, repeats: int) -> dict:
-    """Decode one random window per clip straight from the bytes (tar read not timed)."""
+def raw_case(
+    backend: str, shards: list[str], frames: int, window: int, repeats: int, size=None
+) -> dict:
+    """Decode one random window per clip straight from the bytes (tar read not timed), at
+    the source size, or scaled by the decoder to `size` (H, W)."""
     clips = [s["mp4"] for shard in shards for s in iter_tar_samples(shard)]
     rng = np.random.default_rng(1)
 
     def once(_):
         return sum(
-            len(decode_video(d, frame_window(rng, frames, window), backend=backend)) for d in clips
+            len(decode_video(d, frame_window(rng, frames, window), size=size, backend=backend))
+            for d in clips
         )
 
-    return _timed(f"raw_{backend}", once, repeats)
+    return _timed(f"raw_{backend}" + ("_at_size" if size else ""), once, repeats)
 
 
 def pipeline_case(name: str, stream_fn, repeats: int, cpu_seconds=None) -> dict:
-    """Real frames delivered by the pipeline per second (`num_frames` summed)."""
-    return _timed(
-        name, lambda r: sum(int(b["num_frames"].sum()) for b in stream_fn(r)), repeats, cpu_seconds
-    )
+    """Real frames delivered by the pipeline per second (`num_frames` summed), and the
+    median wait for the first batch of a pass (`first_batch_s`)."""
+    firsts, steady = [], []
+
+    def once(r):
+        t0, frames, first = time.perf_counter(), 0, 0
+        for b in stream_fn(r):
+            if not frames:
+                firsts.append(time.perf_counter() - t0)
+                first = int(b["num_frames"].sum())
+            frames += int(b["num_frames"].sum())
+        steady.append((frames - first) / max(time.perf_counter() - t0 - firsts[-1], 1e-9))
+        return frames
+
+    out = _timed(name, once, repeats, cpu_seconds)
+    return {
+        **out,
+        "first_batch_s": round(float(np.median(firsts)), 3),
+        # after the first batch: the rate a long pass approaches (no start-up, no ramp)
+        "steady_frames_per_s": round(max(steady), 1),
+    }
+
+
+def train_case(shards: list[str], tmp: str, args) -> dict:
+    """The debug PVQ-VAE trained on the stream by 2 Ray Train workers (jobs/debug.yaml, 64²
+    × 8-frame crops of the clips, batch 4): the share of the last log window's wall time the
+    loop waited for its next batch (`train/data_wait_frac`, rank 0)."""
+    from pipelines.config import load_config
+    from pipelines.training.launch import fit
+
+    steps = args.train_steps
+    cfg = load_config(
+        Path(__file__).parents[1] / "jobs" / "debug.yaml",
+        [f"data.shards={json.dumps(shards)}", "data.resolutions=[[64, 64]]",
+         "data.frame_counts=[8]", "data.batch_size=4", f"data.backend={args.backends.split(',')[-1]}",
+         f"train.steps={steps}", f"train.log_every={max(1, steps // 2)}",
+         f"train.ckpt_every={steps}", "train.eval_every=0", "train.eval_batches=1",
+         f"train.eval_shards={json.dumps(shards[:1])}", f"run.storage={tmp}",
+         "run.name=bench-train", f"run.tracking_uri=sqlite:///{tmp}/mlflow.db"],
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    metrics = fit(cfg)
+    return {
+        "case": "train_ray",
+        "workers": cfg.scaling.num_workers,
+        "steps": steps,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "clips_per_s": round(metrics.get("train/clips_per_s", float("nan")), 2),
+        "data_wait_frac": round(metrics.get("train/data_wait_frac", float("nan")), 3),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clips", type=int, default=24)
+    ap.add_argument("--clips", type=int, default=96)
+    ap.add_argument("--per-shard", type=int, default=8, help="clips per shard")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--frames", type=int, default=64)
+    ap.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="training resolution (default --size); smaller: decoded at size",
+    )
     ap.add_argument("--window", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--backends", default="pyav,decord")
     ap.add_argument("--no-ray", action="store_true")
+    ap.add_argument(
+        "--train-steps", type=int, default=40, help="steps of the training case (0: skip it)"
+    )
     args = ap.parse_args()
+    train = args.train_size or args.size
     common = {
         "clips": args.clips,
-        "shape": [3, args.window, args.size, args.size],
+        "source": [args.frames, args.size, args.size],
+        "shape": [3, args.window, train, train],
         "cpus": args.cpus,
         "git": _rev(),
     }
     backends = args.backends.split(",")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        shards = make_clips(Path(tmp), args.clips, args.size, args.frames)
+        shards = make_clips(Path(tmp), args.clips, args.size, args.frames, args.per_shard)
 
         def cfg(backend):
             return DataConfig(
                 shards=tuple(shards),
-                resolutions=((args.size, args.size),),
+                resolutions=((train, train),),
                 frame_counts=(args.window,),
                 batch_size=args.batch_size,
                 crop_scale=(1.0, 1.0),
@@ -165,12 +247,20 @@ def main() -> None:
             results[f"raw_{backend}"] = raw_case(
                 backend, shards, args.frames, args.window, args.repeats
             )
+            if train != args.size:  # what decoding at the training size saves
+                results[f"raw_{backend}_at_size"] = raw_case(
+                    backend, shards, args.frames, args.window, args.repeats, (train, train)
+                )
             results[f"plain_{backend}"] = pipeline_case(
                 f"plain_{backend}", lambda r, b=backend: iter_batches(cfg(b), epoch=r), args.repeats
             )
         if not args.no_ray:
             import ray
 
+            from pipelines.cluster.connect import worker_pool_env
+
+            for key, value in worker_pool_env(args.cpus).items():  # as `init_ray` does
+                os.environ.setdefault(key, value)
             ray.init(
                 num_cpus=args.cpus,
                 include_dashboard=False,
@@ -189,7 +279,10 @@ def main() -> None:
                     args.repeats,
                     cpu_seconds=lambda d=ds: ray_cpu_seconds(d),
                 )
+                results[f"ray_{backend}"]["operators"] = operator_stats(ds.stats())
             ray.shutdown()
+        if args.train_steps:
+            results["train_ray"] = train_case(shards, tmp, args)
     for res in results.values():
         print(json.dumps({**res, **common}))
     ratios = {}
@@ -200,6 +293,13 @@ def main() -> None:
                 if f"{kind}_{backend}" in results:
                     ratio = results[f"{kind}_{backend}"][metric] / raw
                     ratios[f"{kind}_{backend}/raw_{backend} ({metric})"] = round(ratio, 3)
+            if metric == "frames_per_s" and f"ray_{backend}" in results:
+                steady = results[f"ray_{backend}"]["steady_frames_per_s"] / raw
+                ratios[f"ray_{backend}/raw_{backend} (steady_frames_per_s)"] = round(steady, 3)
+                cold = results[f"ray_{backend}_cold"]["frames_per_s"]
+                ratios[f"ray_{backend}_cold/ray_{backend} (frames_per_s)"] = round(
+                    cold / results[f"ray_{backend}"]["frames_per_s"], 3
+                )
         if "raw_pyav" in results and "raw_decord" in results:
             ratio = results["raw_pyav"][metric] / results["raw_decord"][metric]
             ratios[f"raw_pyav/raw_decord ({metric})"] = round(ratio, 3)

@@ -18,9 +18,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipelines.data.batches import BatchStream, DataConfig, build_dataset, iter_batches
+from pipelines.data.batches import DataConfig, iter_batches
 from pipelines.data.demo_data import make_demo_data
+from pipelines.data.ray_dataset import build_dataset
 from pipelines.data.shards import encode_h264
+from pipelines.data.stream import BatchStream
 from pipelines.data.tars import check_shards
 
 TINY = {"resolutions": ((32, 32), (24, 40)), "frame_counts": (4, 8), "batch_size": 4}

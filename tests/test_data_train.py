@@ -7,8 +7,9 @@ import logging
 
 import pytest
 
-from pipelines.data.batches import DataConfig, build_dataset, iter_batches
+from pipelines.data.batches import DataConfig, iter_batches
 from pipelines.data.demo_data import make_demo_data
+from pipelines.data.ray_dataset import build_dataset
 
 
 @pytest.mark.ray
@@ -24,7 +25,7 @@ def test_two_train_workers_share_the_epoch(tmp_path, monkeypatch):
     def _loop(config):
         import ray.train
 
-        from pipelines.data.batches import BatchStream
+        from pipelines.data.stream import BatchStream
 
         stream = BatchStream(ray.train.get_dataset_shard("train"))
         shapes = set()

@@ -34,6 +34,17 @@ RAY_DATA_LOGGING = os.path.join(os.path.dirname(__file__), "ray_data_logging.yam
 OWNER = "VQTOK_LOCAL_RAY_OWNER"
 
 
+def worker_pool_env(num_cpus: float | None = None) -> dict[str, str]:
+    """Ray settings for the raylet of a Ray we start: keep twice as many idle workers as
+    CPUs. Ray's default (as many as CPUs) kills idle workers past it after 1 s, and the data
+    path's decode tasks take half a CPU (`DataConfig.num_cpus`): between two passes, or
+    whenever the trainer holds the stream back, half the decode workers were killed and the
+    next pass started new ones, each importing Ray Data and torch again (~3 CPU-s a worker;
+    BENCHMARKS.md "Data path": 233 against 710 frames/s over 12 passes)."""
+    cpus = num_cpus or os.cpu_count() or 1
+    return {"RAY_num_workers_soft_limit": str(max(4, int(2 * cpus)))}
+
+
 def verbose() -> bool:
     """`vqtok --verbose` (or VQTOK_VERBOSE=1): let Ray, DeepSpeed and torch say everything."""
     return os.environ.get("VQTOK_VERBOSE", "") not in ("", "0")
@@ -60,6 +71,8 @@ def init_ray(**kwargs) -> None:
             port = s.getsockname()[1]
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         reap_orphans()
+        for key, value in worker_pool_env(kwargs.get("num_cpus")).items():
+            os.environ.setdefault(key, value)  # read by the raylet ray.init starts
         # one machine: no node can be drained; Ray Train's PreemptionWatcher (it only logs
         # drain events) would end every run with an error-level line from the core worker
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")

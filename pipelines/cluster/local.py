@@ -48,7 +48,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pipelines.cluster.connect import RAY_DATA_LOGGING, verbose
+from pipelines.cluster.connect import RAY_DATA_LOGGING, verbose, worker_pool_env
 from pipelines.cluster.procs import cmdline, http_ok, read_bytes, stop_tagged, tagged_pids
 from pipelines.tracking.server import free_port, start_mlflow_server
 
@@ -185,6 +185,7 @@ def up(folder: Path, host: str = "127.0.0.1", num_cpus: int | None = None,
              "dashboard_agent": free_port()}  # fmt: skip
     dashboard = f"http://{client_host}:{ports['dashboard']}"
     env = {
+        **worker_pool_env(num_cpus),
         **os.environ,
         "RAY_AUTH_MODE": auth_mode,
         "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),  # jobs find `vqtok`

@@ -1,42 +1,30 @@
-"""Training batches from WebDataset shards: a Ray Data pipeline and the same stages as a
-plain Python iterator.
+"""Training batches from WebDataset shards: the decode stage and a plain Python iterator
+over it (the Ray Data pipeline over the same stage is `ray_dataset`).
 
 Stages: check shards (a file that is not a tar, a tar cut short or with broken keys is
 counted as `bad_shard` and left out, so it cannot stop the read) -> read samples in a
 seeded per-epoch file order -> per group of `batch_size` samples, draw one
-(resolution, frames) pair (`sampling.draw_spec`), decode only the needed frames
-(`decode`), random-resized crop, truncate/zero-pad -> fixed-shape uint8 batches (images
-in batches of their own, T = 1).
-
-A batch (from `BatchStream`, for both paths) is a dict:
-    video       torch.uint8 (B, 3, T, H, W)   B <= batch_size (memory rule, skipped samples);
-                                              memory is channels_last_3d (a view of the
-                                              decoders' layout, no transpose on the CPU);
-                                              from Ray it is read-only: do not write in place
-    num_frames  torch.int32 (B,)              real frames per sample; the rest is zero padding
-    keys        list[str]                     sample keys
-    skipped     dict[str, int]                samples skipped (by `decode.REASONS`) since
-                                              the previous batch; `BatchStream.skipped` sums
-Ray: `build_dataset(cfg)` -> `ray.data.Dataset` whose rows are whole batches; pass it to
-`TorchTrainer(datasets=...)` and read `BatchStream(get_dataset_shard(name))` in the worker.
-Plain: `iter_batches(cfg)`. Both are deterministic for a given `seed` and `epoch`.
+(resolution, frames) pair (`sampling.draw_spec`), decode only the needed frames at
+(near) the size the crop needs (`decode`, `sampling.decode_plan`), random-resized crop,
+truncate/zero-pad -> fixed-shape uint8 batches (images in batches of their own, T = 1).
+Batches reach the trainer as `stream.BatchStream` batches (the format is described there).
+Plain: `iter_batches(cfg)`; Ray: `ray_dataset.build_dataset(cfg)`. Both are deterministic
+for a given `seed` and `epoch` and give the same batches.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
-import warnings
 import zlib
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from pipelines.data import decode as dec
 from pipelines.data import sampling as smp
+from pipelines.data.stream import BatchStream
 from pipelines.data.tars import (
     MAX_MEMBER_BYTES,
     ShardCheck,
@@ -252,33 +240,24 @@ def epoch_order(shards: list[str], seed: int, epoch: int, shuffle: bool = True) 
 def iter_raw_batches(cfg: DataConfig, epoch: int | None = None, check: ShardCheck | None = None):
     """Plain-Python stages, no Ray: yields numpy batches as `decode_group` makes them.
 
-    Samples are grouped as Ray Data groups them for `map_batches` (reader blocks of at
-    most 512 rows, gathered until they hold `batch_size` rows, then cut into batches), so
-    for the same seed and epoch both paths give the same batches."""
+    Samples are grouped as the Ray pipeline groups them (`ray_dataset`): each shard's
+    samples in order, cut into groups of `batch_size` (a shard's last group may be
+    smaller), so for the same seed and epoch both paths give the same batches."""
     epoch = cfg.epoch if epoch is None else epoch
     check = readable_shards(cfg, check)
     if check.bad or check.cut:
         yield _skip_only(cfg, shard_counts(check))
-    bundle: list[dict] = []
     for shard in epoch_order(check.good, cfg.seed, epoch, cfg.shuffle_files):
         try:
             samples = iter_tar_samples(shard, cfg.max_member_bytes, limit=check.limit(shard))
-            for block in _blocks(samples, READER_BLOCK_ROWS):
-                bundle.extend(block)
-                if len(bundle) >= cfg.batch_size:
-                    for i in range(0, len(bundle), cfg.batch_size):
-                        yield from decode_group(bundle[i : i + cfg.batch_size], cfg, epoch)
-                    bundle = []
+            for group in blocks_of(samples, cfg.batch_size):
+                yield from decode_group(group, cfg, epoch)
         except Exception:  # noqa: BLE001 - changed since the check: count, go on
             yield _skip_only(cfg, Counter({"bad_shard": 1}))
-    if bundle:
-        yield from decode_group(bundle, cfg, epoch)
 
 
-READER_BLOCK_ROWS = 512  # rows per block of the Ray reader (as Ray's webdataset reader)
-
-
-def _blocks(rows: Iterator[dict], n: int) -> Iterator[list[dict]]:
+def blocks_of(rows: Iterator[dict], n: int) -> Iterator[list[dict]]:
+    """`rows` in lists of at most `n`."""
     it = iter(rows)
     return iter(lambda: list(itertools.islice(it, n)), [])
 
@@ -312,184 +291,3 @@ def readable_shards(cfg: DataConfig, check: ShardCheck | None = None) -> ShardCh
 def iter_batches(cfg: DataConfig, epoch: int | None = None) -> BatchStream:
     """Training batches of one epoch without Ray, as torch tensors (see module doc)."""
     return BatchStream(iter_raw_batches(cfg, epoch, readable_shards(cfg)))
-
-
-# ---------------------------------------------------------------- batch <-> Ray row
-
-
-def to_row(b: dict | None, skipped: Counter | None = None) -> dict[str, np.ndarray]:
-    """One batch as one Ray Data row (columns of length 1): `video` and `num_frames` as
-    objects (no copy), keys joined by newlines, one `skip_<reason>` count per reason.
-    `b=None`: an empty batch, a row that only carries the counts `skipped`."""
-    video, nums = np.empty(1, object), np.empty(1, object)
-    video[0] = b["video"] if b else np.zeros((0, 1, 1, 1, 3), np.uint8)
-    nums[0] = np.asarray(b["num_frames"] if b else [], np.int32)
-    skipped = b["skipped"] if b else (skipped or Counter())
-    cols = {"video": video, "num_frames": nums,
-            "keys": np.array(["\n".join(b["keys"] if b else [])], object)}  # fmt: skip
-    for reason in dec.REASONS:
-        cols[f"skip_{reason}"] = np.array([skipped.get(reason, 0)], np.int64)
-    return cols
-
-
-def from_row(row: dict) -> dict:
-    """The batch of one row (`row[col]` = that row's value), inverse of `to_row`; `video`
-    only when the row carries it."""
-    keys = str(row["keys"])
-    out = {"num_frames": np.asarray(row["num_frames"], np.int32),
-           "keys": keys.split("\n") if keys else [],
-           "skipped": Counter({r: int(row[f"skip_{r}"]) for r in dec.REASONS
-                               if int(row[f"skip_{r}"])})}  # fmt: skip
-    if "video" in row:
-        out["video"] = np.asarray(row["video"])
-    return out
-
-
-# ---------------------------------------------------------------- Ray Data
-
-
-def _ray_decode(batch: dict, cfg: DataConfig, report: tuple[str, str, Counter]) -> Iterator[dict]:
-    """`map_batches` UDF: raw webdataset columns -> rows that are whole batches, yielded one
-    at a time (Ray streams a generator's outputs: memory holds one batch, not the group)."""
-    import ray.data
-
-    epoch = cfg.epoch + getattr(ray.data.DataContext.get_current(), "_execution_idx", 0)
-    n = len(batch["__key__"])
-    rows = [{k: v[i] for k, v in batch.items()} for i in range(n)]
-    shard, first_key, counts = report
-    if counts and any(
-        str(r["__key__"]) == first_key and str(r.get("__url__", "")).endswith(shard) for r in rows
-    ):
-        bad_shards = Counter(counts)  # once per epoch: with a fixed good sample
-    else:
-        bad_shards = Counter()
-    for b in decode_group(rows, cfg, epoch):
-        b["skipped"].update(bad_shards)
-        bad_shards = Counter()
-        yield to_row(b)
-
-
-def build_dataset(cfg: DataConfig, check: ShardCheck | None = None):
-    """A `ray.data.Dataset` of training batches (one row = one batch; read it through
-    `BatchStream`). Each complete pass is the next epoch: a new seeded shard order and new
-    draws. Raises `ValueError` when no shard is readable."""
-    import ray.data
-
-    check = readable_shards(cfg, check)
-    first = sorted(check.good)[0]
-    report = (first.rsplit("/", 1)[-1], check.first_keys[first], shard_counts(check))
-    shuffle = _epoch_shuffle(cfg.seed, cfg.epoch) if cfg.shuffle_files else None
-    # Ray Data logs "Starting execution" and the execution plan at every pass (every epoch
-    # of every worker's split): two lines an epoch that tell a user nothing (issue 22)
-    ray.data.DataContext.get_current().print_on_execution_start = False
-    ds = ray.data.read_datasource(
-        _tar_datasource(list(check.good), shuffle, cfg.max_member_bytes,
-                        {_shard_id(s): n for s in check.cut if (n := check.limit(s))}),
-        num_cpus=cfg.num_cpus,
-        override_num_blocks=len(check.good),
-    )
-    ds = ds.map_batches(
-        _ray_decode,
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        num_cpus=cfg.num_cpus,
-        concurrency=cfg.concurrency,
-        fn_kwargs={"cfg": cfg, "report": report},
-    )
-    ds.context.execution_options.preserve_order = True  # same seed, same batch order
-    return ds
-
-
-def _shard_id(path: str) -> str:
-    """A shard's path as Ray's reader names it (scheme dropped, local paths absolute)."""
-    return path.split("://", 1)[1] if "://" in path else os.path.abspath(path)
-
-
-def _tar_datasource(paths: list[str], shuffle, max_member_bytes: int, limits: dict[str, int]):
-    """Ray's file datasource over `tars.iter_tar_samples`, so both paths read members by
-    the same rules (hostile names, links, oversized members are skipped unread; nothing is
-    unpickled; a shard cut short is read up to the cut, `limits`); blocks of
-    `READER_BLOCK_ROWS` samples, as Ray's `read_webdataset` makes."""
-    import pandas as pd
-    from ray.data.datasource import FileBasedDatasource
-
-    class TarSamples(FileBasedDatasource):
-        def _read_stream(self, stream, path: str):
-            for block in _blocks(
-                iter_tar_samples(path, max_member_bytes, stream, limits.get(_shard_id(path))),
-                READER_BLOCK_ROWS,
-            ):
-                yield pd.DataFrame.from_records(block)
-
-    return TarSamples(paths, shuffle=shuffle)
-
-
-def _epoch_shuffle(seed: int, first_epoch: int):
-    """Ray's `FileShuffleConfig`, reseeded per execution as `shuffle_seed(seed, epoch)`."""
-    from ray.data import FileShuffleConfig
-
-    @dataclass
-    class EpochShuffle(FileShuffleConfig):
-        first_epoch: int = 0
-
-        def get_seed(self, execution_idx: int = 0) -> int:
-            return shuffle_seed(self.seed, self.first_epoch + execution_idx)
-
-    return EpochShuffle(seed=seed, first_epoch=first_epoch)
-
-
-# ---------------------------------------------------------------- the consumer
-
-
-@dataclass
-class BatchStream:
-    """Iterates torch batches from a Ray `Dataset`/`DataIterator` (e.g. Ray Train's
-    `get_dataset_shard`) or from numpy batches (`iter_raw_batches`), and keeps totals:
-    `samples`, `batches`, `skipped` (Counter by reason). `metrics()` gives them flat."""
-
-    source: object
-    prefetch_batches: int = 1
-    samples: int = 0
-    batches: int = 0
-    skipped: Counter = field(default_factory=Counter)
-
-    def _numpy_batches(self) -> Iterator[dict]:
-        if not hasattr(self.source, "iter_batches"):
-            yield from self.source
-            return
-        for block in self.source.iter_batches(
-            batch_size=None, batch_format="numpy", prefetch_batches=self.prefetch_batches
-        ):
-            for i in range(len(block["keys"])):
-                yield from_row({k: v[i] for k, v in block.items()})
-
-    def __iter__(self) -> Iterator[dict]:
-        pending = Counter()
-        for b in self._numpy_batches():
-            pending.update(b["skipped"])
-            self.skipped.update(b["skipped"])
-            if len(b["keys"]) == 0:
-                continue
-            self.samples += len(b["keys"])
-            self.batches += 1
-            with warnings.catch_warnings():  # Ray's arrays are read-only views: no copy
-                warnings.simplefilter("ignore", UserWarning)
-                video = smp.channels_first(b["video"])
-                nums = torch.from_numpy(b["num_frames"])
-            yield {
-                "video": video,
-                "num_frames": nums,
-                "keys": list(b["keys"]),
-                "skipped": dict(pending),
-            }
-            pending = Counter()
-
-    def metrics(self, prefix: str = "data/") -> dict[str, float]:
-        """Flat totals for a metrics logger: samples, batches, skipped total and by reason."""
-        out = {
-            f"{prefix}samples": self.samples,
-            f"{prefix}batches": self.batches,
-            f"{prefix}skipped": sum(self.skipped.values()),
-        }
-        out.update({f"{prefix}skipped_{r}": n for r, n in sorted(self.skipped.items())})
-        return out

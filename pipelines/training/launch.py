@@ -155,7 +155,7 @@ def _train_dataset(cfg: Config):
     """Ray Train calls this at every start of the worker group (the first, and each restart
     after a failure): the data from the epoch of the checkpoint the group resumes from; the
     loop then drops the batches that epoch already gave (`loop._batches_forever`)."""
-    from pipelines.data.batches import build_dataset
+    from pipelines.data.ray_dataset import build_dataset
 
     epoch = 0
     found = resume_checkpoint(cfg.run.run_dir)

@@ -92,6 +92,26 @@ def _all_ranks(flag: bool, group=None) -> bool:
     return bool(t.item())
 
 
+class Waited:
+    """An iterator that keeps the seconds spent waiting in `next` (`seconds`): the time the
+    loop waits for its next batch, i.e. the share of a step the data path did not hide
+    (logged as `train/data_wait_frac`; with several ranks it includes their agreement on
+    the epoch's end, one small all-reduce)."""
+
+    def __init__(self, iterable):
+        self._it, self.seconds = iter(iterable), 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t = time.perf_counter()
+        try:
+            return next(self._it)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+
 def _batches_forever(session: Session, state: ckpt.TrainState, group=None) -> Iterator[dict]:
     """Batches epoch after epoch, in lockstep over ranks: when any rank's shard runs out
     (shards may differ by a batch: skipped samples, uneven splits), every rank ends the
@@ -189,7 +209,9 @@ def train_loop(cfg: Config, session: Session) -> dict[str, float]:
     # loss terms summed on the device since the last log: read back only when logged
     window: dict[str, torch.Tensor | float] = {}
     window_n = 0
-    for batch in _batches_forever(session, state, flags):
+    batches = Waited(_batches_forever(session, state, flags))
+    wait0 = 0.0
+    for batch in batches:
         if state.step >= cfg.train.steps:
             break
         # every rank draws differently, and a resumed run as an uninterrupted one would
@@ -232,6 +254,7 @@ def train_loop(cfg: Config, session: Session) -> dict[str, float]:
                     * session.world_size
                     / elapsed,
                     "train/epoch": state.epoch,
+                    "train/data_wait_frac": (batches.seconds - wait0) / elapsed,
                     "train/nonfinite_steps": state.nonfinite_steps,
                     "train/nonfinite_disc_steps": objective.nonfinite_disc,
                     **objective.quantizer_metrics(),
@@ -242,6 +265,7 @@ def train_loop(cfg: Config, session: Session) -> dict[str, float]:
                 per_step = (time.perf_counter() - run_start) / max(1, state.step - first_step)
                 _progress(state.step, cfg.train.steps, metrics, per_step)
             t0, seen0, tokens0 = time.perf_counter(), state.samples_seen, objective.tokens
+            wait0 = batches.seconds
         path = None
         if state.step % cfg.train.ckpt_every == 0 or last:  # before eval: an eval that fails
             path = save_checkpoint(cfg, session, objective, ema, state)  # cannot lose it
@@ -338,6 +362,7 @@ def _progress(step: int, total: int, m: dict, seconds_per_step: float) -> None:
             else "loss " + " ".join(f"{k} {v:.4f}" for k, v in sorted(parts.items())))
     line = (
         f"[vqtok] step {step}/{total}  {loss}{recon}  "
-        f"{m.get('train/clips_per_s', 0.0):.2f} clips/s  ETA {eta:.0f}s\n"
+        f"{m.get('train/clips_per_s', 0.0):.2f} clips/s  "
+        f"data wait {100 * m.get('train/data_wait_frac', 0.0):.0f}%  ETA {eta:.0f}s\n"
     )
     _stderr(line)

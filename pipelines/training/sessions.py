@@ -171,7 +171,7 @@ class RaySession(Session):
         self._shard = ray.train.get_dataset_shard("train")
 
     def batches(self, epoch: int):
-        from pipelines.data.batches import BatchStream
+        from pipelines.data.stream import BatchStream
 
         self._stream = BatchStream(self._shard)
         return self._stream

@@ -1,0 +1,130 @@
+"""The Ray Data pipeline of training batches: `build_dataset(cfg)` -> a `ray.data.Dataset`
+whose rows are whole batches (`stream.to_row`), made by `batches.decode_group` in Ray tasks
+from a tar datasource that reads members by `tars`' rules. Pass it to
+`TorchTrainer(datasets=...)` and read `stream.BatchStream(get_dataset_shard(name))` in the
+worker; for the same seed and epoch it gives the batches `batches.iter_batches` gives.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pipelines.data.batches import (
+    DataConfig,
+    blocks_of,
+    decode_group,
+    readable_shards,
+    shard_counts,
+    shuffle_seed,
+)
+from pipelines.data.stream import to_row
+from pipelines.data.tars import ShardCheck, iter_tar_samples
+
+# ---------------------------------------------------------------- Ray Data
+
+
+def _ray_decode(groups, cfg: DataConfig, report: tuple[str, str, Counter]) -> Iterator[dict]:
+    """`map_batches` UDF, fused into the read task: rows that are groups of raw samples
+    (`_tar_datasource`) -> rows that are whole batches, yielded one at a time (Ray streams
+    a generator's outputs: memory holds one batch)."""
+    import ray.data
+
+    epoch = cfg.epoch + getattr(ray.data.DataContext.get_current(), "_execution_idx", 0)
+    shard, first_key, counts = report
+    for rows in groups["samples"]:
+        bad_shards = Counter()
+        if counts and any(
+            str(r["__key__"]) == first_key and str(r.get("__url__", "")).endswith(shard)
+            for r in rows
+        ):
+            bad_shards = Counter(counts)  # once per epoch: with a fixed good sample
+        for b in decode_group(list(rows), cfg, epoch):
+            b["skipped"].update(bad_shards)
+            bad_shards = Counter()
+            yield to_row(b)
+
+
+def build_dataset(cfg: DataConfig, check: ShardCheck | None = None):
+    """A `ray.data.Dataset` of training batches (one row = one batch; read it through
+    `BatchStream`). Each complete pass is the next epoch: a new seeded shard order and new
+    draws. Raises `ValueError` when no shard is readable."""
+    import ray.data
+
+    check = readable_shards(cfg, check)
+    first = sorted(check.good)[0]
+    report = (first.rsplit("/", 1)[-1], check.first_keys[first], shard_counts(check))
+    shuffle = _epoch_shuffle(cfg.seed, cfg.epoch) if cfg.shuffle_files else None
+    # Ray Data logs "Starting execution" and the execution plan at every pass (every epoch
+    # of every worker's split): two lines an epoch that tell a user nothing (issue 22)
+    ray.data.DataContext.get_current().print_on_execution_start = False
+    ds = ray.data.read_datasource(
+        _tar_datasource(
+            list(check.good),
+            shuffle,
+            cfg.max_member_bytes,
+            {_shard_id(s): n for s in check.cut if (n := check.limit(s))},
+            cfg.batch_size,
+        ),
+        num_cpus=cfg.num_cpus,
+        override_num_blocks=len(check.good),
+    )
+    # batch_size=None: whole reader blocks, so Ray fuses read and decode into one task (with
+    # a batch size it keeps them apart, and every sample's bytes cross the object store)
+    ds = ds.map_batches(
+        _ray_decode,
+        batch_size=None,
+        batch_format="pandas",
+        num_cpus=cfg.num_cpus,
+        concurrency=cfg.concurrency,
+        fn_kwargs={"cfg": cfg, "report": report},
+    )
+    ds.context.execution_options.preserve_order = True  # same seed, same batch order
+    # one block per row: a row is a whole group (read) or a whole batch (decode), so Ray never
+    # merges batches into one block (it held a task's batches until it had 128 MiB: no
+    # streaming) nor cuts a group; the trainer gets each batch as it is made
+    ds.context.target_max_block_size = 1
+    return ds
+
+
+def _shard_id(path: str) -> str:
+    """A shard's path as Ray's reader names it (scheme dropped, local paths absolute)."""
+    return path.split("://", 1)[1] if "://" in path else os.path.abspath(path)
+
+
+def _tar_datasource(
+    paths: list[str], shuffle, max_member_bytes: int, limits: dict[str, int], group: int
+):
+    """Ray's file datasource over `tars.iter_tar_samples`, so both paths read members by
+    the same rules (hostile names, links, oversized members are skipped unread; nothing is
+    unpickled; a shard cut short is read up to the cut, `limits`). A row is a group of
+    `group` consecutive samples of a shard (column `samples`), the decode's unit, as
+    `batches.iter_raw_batches` groups them: Ray may cut blocks between rows, never in one."""
+    import pandas as pd
+    from ray.data.datasource import FileBasedDatasource
+
+    class TarSamples(FileBasedDatasource):
+        def _read_stream(self, stream, path: str):
+            samples = iter_tar_samples(path, max_member_bytes, stream, limits.get(_shard_id(path)))
+            for rows in blocks_of(samples, group):
+                cell = pd.Series([None], dtype=object)
+                cell[0] = rows  # a list in one cell, not a column of its items
+                yield pd.DataFrame({"samples": cell})
+
+    return TarSamples(paths, shuffle=shuffle)
+
+
+def _epoch_shuffle(seed: int, first_epoch: int):
+    """Ray's `FileShuffleConfig`, reseeded per execution as `shuffle_seed(seed, epoch)`."""
+    from ray.data import FileShuffleConfig
+
+    @dataclass
+    class EpochShuffle(FileShuffleConfig):
+        first_epoch: int = 0
+
+        def get_seed(self, execution_idx: int = 0) -> int:
+            return shuffle_seed(self.seed, self.first_epoch + execution_idx)
+
+    return EpochShuffle(seed=seed, first_epoch=first_epoch)
