@@ -200,10 +200,10 @@ def train_case(shards: list[str], tmp: str, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clips", type=int, default=96)
+    ap.add_argument("--clips", type=int, default=384)
     ap.add_argument("--per-shard", type=int, default=8, help="clips per shard")
     ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--frames", type=int, default=64)
+    ap.add_argument("--frames", type=int, default=32)
     ap.add_argument(
         "--train-size",
         type=int,

@@ -77,7 +77,7 @@ def reproduced_line(sections: dict[str, str]) -> str:
         if not verdicts:
             parts.append(f"{name} not run")
             continue
-        yes, rev = verdicts.count("yes"), re.search(r"(?m)^- git: (\S+)", text)
+        yes, rev = verdicts.count("yes"), re.search(r"(?m)^- git: (.+)$", text)
         yes_all, checked_all = yes_all + yes, checked_all + len(verdicts)
         parts.append(f"{name} {yes}/{len(verdicts)}" + (f" (runs at {rev.group(1)})" if rev else ""))
     return (f"**Orderings reproduced beyond the seed spread**: {yes_all} of {checked_all} "
