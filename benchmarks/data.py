@@ -1,25 +1,20 @@
 """Frames/s: raw decord and PyAV decode of random windows vs the full data pipeline.
 
 Same clips for every case: H.264 pan/zoom clips over the demo photos (`--size`², `--frames`
-long), written as shards. A case decodes one random `--window`-frame window per clip.
-    raw_decord / raw_pyav   `decode.decode_video` at native size, one process (1 core)
-    plain_<backend>         `data.iter_batches`: tar read + decode + crop + pad + stack
-    ray_<backend>           `data.build_dataset` through `BatchStream` on a local Ray
-                            (`--cpus`); cold = first pass (worker start), warm = later passes
+long, `--per-shard` to a shard). A case decodes one random `--window`-frame window per clip
+and delivers it at `--train-size`² (default `--size`).
+    raw_<backend>           `decode.decode_video` at the source size, one process (1 core);
+                            `_at_size`: scaled by the decoder (with `--train-size`)
+    plain_<backend>         `batches.iter_batches`: tar read + decode + crop + pad + stack
+    ray_<backend>           `ray_dataset.build_dataset` through `BatchStream` on a local Ray
+                            (`--cpus`); cold = first pass (worker start), warm = later passes;
+                            with Ray Data's per-operator stats
+    train_ray               the debug PVQ-VAE on the stream, 2 Ray Train workers: the share
+                            of each step spent waiting for data (`--train-steps 0`: skipped)
 Prints one JSON object per case, then the ratios pipeline / raw for the same backend, by
-wall time (best run) and by CPU time (median; Ray's from `Dataset.stats()`, which on a
-shared machine is the fairer measure: it leaves out time the cores spent on others).
-Run by hand: `python -m benchmarks.data`; not part of the tests.
-
-Measured (2 shared cores, load 4-6 from other jobs, 32 clips 256² × 64 frames, 16-frame
-windows): raw decord 847 frames/s, raw PyAV 497 (decord ~1.2-1.7x faster: the default);
-plain pipeline / raw = 0.92 (decord), 0.97 (PyAV); Ray / raw = 0.59 (decord), 0.84 (PyAV)
-wall, 0.80 / 0.96 by task CPU time; first Ray pass ~15 s of worker start-up.
-What limits it: in-process, the copy of each decoded clip into the batch buffer and the tar
-read (the CHW transpose is gone: batches are channels_last_3d views); with Ray, each batch
-is serialized into the object store once, Ray's own processes and the consuming driver
-share the two cores with the decode tasks, and per-task scheduling costs show at 4 clips
-per batch.
+wall time (best pass; `steady`: after the first batch) and by CPU time (median; Ray's from
+`Dataset.stats()`, the tasks' own CPU). Run by hand: `python -m benchmarks.data`; not part
+of the tests. Figures and what limits them: BENCHMARKS.md "Data".
 """
 
 from __future__ import annotations
