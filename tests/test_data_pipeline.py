@@ -256,6 +256,9 @@ def test_ray_reads_demo_shards_same_batches_as_plain(ray_local, demo):
     )
     second = _signature(BatchStream(ds))  # a second pass is the next epoch
     assert second != got and second == _signature(iter_batches(cfg, epoch=1))
+    stats = ds.stats()  # of the last pass: one task reads and decodes; a block is a batch
+    assert "ReadTarSamples->MapBatches(_ray_decode)" in stats, stats
+    assert "Output num rows per block: 1 min, 1 max" in stats, stats
 
 
 @pytest.mark.ray

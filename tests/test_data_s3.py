@@ -113,6 +113,7 @@ def test_training_runs_from_shards_in_the_bucket(s3, tmp_path, ray_local):
                                           "train.steps=2", "loss.gan_weight=0"])  # fmt: skip
     metrics = fit(cfg)
     assert metrics["step"] == 2 and metrics["data/samples"] > 0 and metrics["eval/samples"] > 0
+    assert 0 <= metrics["train/data_wait_frac"] <= 1  # the share of the step spent in next()
 
 
 def test_tokenize_writes_to_the_bucket_and_resumes_there(s3, shards, tmp_path):
