@@ -116,6 +116,7 @@ def test_two_trial_study_ends_with_best_config_and_nested_runs(tmp_path, ray_tun
     out = capsys.readouterr().out  # vqtok's line per trial event, not Tune's status tables
     assert out.count(" started: model.quantizer.") == 2 and out.count(" ended at step ") == 2, out
     assert "step 2: eval/psnr " in out and "Trial status" not in out, out
+    assert "View detailed results" not in out, out  # nor Tune's experiment box
 
     rows = json.loads((study / "trials.json").read_text())["trials"]
     assert len(rows) == 2 and len((study / "trials.csv").read_text().splitlines()) == 3

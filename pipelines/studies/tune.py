@@ -147,6 +147,8 @@ def _tuner(cfg: Config, tc: TuneConfig, base: dict, study: dict, concurrency: in
 
     # Trials run in the job's working directory (relative shard paths), as `vqtok train` does.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    if not verbose():  # Tune's new output engine prints its experiment box even at verbose=0;
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the old one at 0 prints nothing
     s = tc.scheduler
     scheduler = FIFOScheduler()
     if s.type == "asha":
