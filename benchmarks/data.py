@@ -256,14 +256,14 @@ def main() -> None:
 
             for key, value in worker_pool_env(args.cpus).items():  # as `init_ray` does
                 os.environ.setdefault(key, value)
-            ray.init(
-                num_cpus=args.cpus,
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-            )
-            ray.data.DataContext.get_current().enable_progress_bars = False
-            for backend in backends:
+            for backend in backends:  # a Ray of its own each: the first pass is really cold
+                ray.init(
+                    num_cpus=args.cpus,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    logging_level=logging.WARNING,
+                )
+                ray.data.DataContext.get_current().enable_progress_bars = False
                 ds = build_dataset(cfg(backend))
                 results[f"ray_{backend}_cold"] = pipeline_case(
                     f"ray_{backend}_cold", lambda r, d=ds: BatchStream(d), 1
@@ -275,7 +275,7 @@ def main() -> None:
                     cpu_seconds=lambda d=ds: ray_cpu_seconds(d),
                 )
                 results[f"ray_{backend}"]["operators"] = operator_stats(ds.stats())
-            ray.shutdown()
+                ray.shutdown()
         if args.train_steps:
             results["train_ray"] = train_case(shards, tmp, args)
     for res in results.values():
