@@ -58,7 +58,9 @@ class DataConfig:
     shuffle_files: bool = True  # new seeded shard order every epoch
     center: bool = False  # no random crop or window: the centred full crop, first frames
     num_cpus: float = 0.5  # per Ray read/decode task; < 1 so Train workers fit on 2 cores
-    concurrency: int | None = None  # Ray decode tasks in flight (None: Ray decides)
+    # Ray decode tasks in flight (None: Ray decides); a number keeps the read a task of its own
+    # (Ray fuses read and decode only without one), so every sample crosses the object store
+    concurrency: int | None = None
 
     def __post_init__(self):
         self.shards = (self.shards,) if isinstance(self.shards, str) else tuple(self.shards)
