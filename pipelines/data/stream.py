@@ -30,8 +30,10 @@ from pipelines.data import sampling as smp
 
 
 def to_row(b: dict | None, skipped: Counter | None = None) -> dict[str, np.ndarray]:
-    """One batch as one Ray Data row (columns of length 1): `video` and `num_frames` as
-    objects (no copy), keys joined by newlines, one `skip_<reason>` count per reason.
+    """One batch as one Ray Data row (columns of length 1): `video` as a tensor column (the
+    batch array with a leading axis of 1, no copy: Ray stores it as an Arrow tensor, not a
+    pickle), `num_frames` as an object, keys joined by newlines, one `skip_<reason>` count
+    per reason.
     `b=None`: an empty batch, a row that only carries the counts `skipped`."""
     nums = np.empty(1, object)
     video = (b["video"] if b else np.zeros((0, 1, 1, 1, 3), np.uint8))[None]

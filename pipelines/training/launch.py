@@ -171,7 +171,6 @@ def make_trainer(cfg: Config, callbacks: list | None = None):
     """The `TorchTrainer` of a run (also built per trial by `pipelines.studies.tune`)."""
     from ray.train import (
         CheckpointConfig,
-        DataConfig,
         FailureConfig,
         LoggingConfig,
         RunConfig,
@@ -202,12 +201,12 @@ def make_trainer(cfg: Config, callbacks: list | None = None):
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": functools.partial(_train_dataset, cfg)},
-        dataset_config=_ingest_config(DataConfig),
+        dataset_config=_ingest_config(),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
     )
 
 
-def _ingest_config(data_config_cls):
+def _ingest_config():
     """How Ray Train splits the batches over its workers: in order and by turns, so the same
     seed gives every rank the same batches in every run (an exact resume, identical runs).
     Train replaces the dataset's execution options with the driver's defaults (order not
@@ -215,9 +214,16 @@ def _ingest_config(data_config_cls):
     is already known: the split then changed from run to run (measured: two 12-step runs of
     jobs/debug.yaml with one seed diverged). Locality buys little here: batches are decoded
     on CPU nodes and trained on GPU nodes (cluster/), so they travel either way."""
-    options = data_config_cls.default_ingest_options()
+    import copy
+
+    from ray.data import DataContext
+    from ray.train import DataConfig
+
+    # the driver's options, as Train's default takes them (`default_ingest_options` builds a
+    # new ExecutionOptions, whose deprecated `exclude_resources` setter warns at every run)
+    options = copy.deepcopy(DataContext.get_current().execution_options)
     options.preserve_order = True
-    return data_config_cls(execution_options=options, enable_shard_locality=False)
+    return DataConfig(execution_options=options, enable_shard_locality=False)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
