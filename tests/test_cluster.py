@@ -239,6 +239,10 @@ def test_cluster_up_submit_down():
         said = status.stdout + status.stderr  # "Job '<id>' succeeded" (the CLI's words)
         assert f"Job '{job_id}' succeeded" in said, submit.stdout[-3000:] + said
         assert (work / "runs" / "submitted" / "step_00000002").is_dir()
+        # every port of the cluster (GCS, raylet, agents, exporters, MLflow) on loopback
+        listen = json.loads(_run([BIN / "vqtok", "cluster", "status", "--dir", folder],
+                                 60).stdout)["listening"]  # fmt: skip
+        assert len(listen) >= 6 and all(a.startswith("127.") for a in listen), listen
 
         client = MlflowClient(state["mlflow"]["uri"])
         exp = client.get_experiment_by_name("vqtok")

@@ -147,7 +147,8 @@ def test_cluster_binds_loopback_with_auth_by_default(tmp_path):
     ports = {"gcs": 1, "dashboard": 2, "client_server": 3, "dashboard_agent": 4}
     argv = cluster.ray_head_argv("/bin", tmp_path, ports)
     assert _value_after(argv, "--dashboard-host") == "127.0.0.1"
-    assert "--node-ip-address" not in argv  # documented: Ray's gRPC ports bind every interface
+    assert "--node-ip-address" not in argv  # loopback comes from connect.LOOPBACK_ENV (live:
+    # test_cluster_ports.py, test_cluster.py::test_cluster_up_submit_down)
     params = inspect.signature(cluster.up).parameters
     assert params["host"].default == "127.0.0.1" and params["auth"].default is True
     args = build_parser(["cluster"]).parse_args(["cluster", "up"])

@@ -6,6 +6,7 @@ standard library and Ray.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 # forwarded to workers: accelerator choice, extension cache, MLflow and S3 endpoints
@@ -43,6 +44,19 @@ def worker_pool_env(num_cpus: float | None = None) -> dict[str, str]:
     BENCHMARKS.md "Data path": 233 against 710 frames/s over 12 passes)."""
     cpus = num_cpus or os.cpu_count() or 1
     return {"RAY_num_workers_soft_limit": str(max(4, int(2 * cpus)))}
+
+
+# Ray takes the loopback address as its node's address, and then binds every daemon (GCS,
+# raylet, dashboard and runtime-env agents, metrics exporters, workers) to loopback, only
+# where it thinks a cluster cannot be made (macOS, Windows: `ray_constants.ENABLE_RAY_CLUSTER`,
+# read from this variable when `ray` is imported); elsewhere a loopback `--node-ip-address`
+# is swapped for the machine's address and those ports listen on every interface
+# (docs/RUNTIME.md). A Ray of one machine, ours, needs no other interface.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1")
 
 
 def verbose() -> bool:
@@ -94,10 +108,37 @@ def init_ray(**kwargs) -> None:
     if local:  # inherited by the Ray processes started now, not by this driver's later children
         os.environ[OWNER] = _owner(os.getpid())
     try:
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", runtime_env=env, **kwargs)
+        if local:
+            with _loopback_node():
+                ray.init(address="local", runtime_env=env, **kwargs)
+        else:
+            ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, **kwargs)
     finally:
         if local:
             os.environ.pop(OWNER, None)
+
+
+@contextlib.contextmanager
+def _loopback_node():
+    """A private local Ray on loopback only: its daemons read `LOOPBACK_ENV` as they start;
+    this driver read Ray's flag when it imported `ray` (before any vqtok code ran, under
+    pytest or a notebook), so the flag is set for the call too. Both are put back after: a
+    later `ray.init` of this process may join a real cluster."""
+    from ray._private import ray_constants
+
+    saved_env = {k: os.environ.get(k) for k in LOOPBACK_ENV}
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(LOOPBACK_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _owner(pid: int) -> str:

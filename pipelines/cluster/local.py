@@ -24,10 +24,12 @@ sessions of their own, and by the MLflow server); `down` signals exactly those
 (`pipelines.cluster.procs`), in `ray stop`'s order, SIGKILL after a grace period.
 
 Binding and auth: MLflow and Ray's HTTP endpoints (dashboard, job server) listen on `--host`.
-Ray's gRPC daemons (GCS, raylet) listen on every interface whatever is asked: `ray start`
-swaps a loopback `--node-ip-address` for the machine's address and has no bind option. So
-even a "loopback" head is reachable from the network, and Ray token auth stays ON by default
-(token in `~/.ray/auth_token`, created if missing). Clients of this user need only
+With a loopback `--host` (the default) every other Ray port (GCS, raylet, agents, metrics
+exporters, client server, workers) is on loopback too (`connect.LOOPBACK_ENV`: `ray start`
+has no bind option and swaps a loopback `--node-ip-address` for the machine's address);
+`vqtok cluster status` lists what listens. With another `--host` Ray's daemons listen on
+every interface. Ray token auth stays ON by default either way (token in `~/.ray/auth_token`,
+created if missing): another local user can still reach loopback ports. Clients of this user need only
 `RAY_AUTH_MODE=token` (the CLI's default mode is "disabled"); other machines also need the
 token (copy the file to `RAY_AUTH_TOKEN_PATH`, or set `RAY_AUTH_TOKEN`). `--no-auth`
 (`RAY_AUTH_MODE=disabled`) is for a machine whose ports nobody else can reach; an explicit
@@ -48,8 +50,21 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pipelines.cluster.connect import RAY_DATA_LOGGING, verbose, worker_pool_env
-from pipelines.cluster.procs import cmdline, http_ok, read_bytes, stop_tagged, tagged_pids
+from pipelines.cluster.connect import (
+    LOOPBACK_ENV,
+    RAY_DATA_LOGGING,
+    is_loopback,
+    verbose,
+    worker_pool_env,
+)
+from pipelines.cluster.procs import (
+    cmdline,
+    http_ok,
+    listening,
+    read_bytes,
+    stop_tagged,
+    tagged_pids,
+)
 from pipelines.tracking.server import free_port, start_mlflow_server
 
 MARKER = "VQTOK_CLUSTER_ID"
@@ -209,6 +224,8 @@ def up(folder: Path, host: str = "127.0.0.1", num_cpus: int | None = None,
     }
     if not verbose():  # Ray Data's console at WARNING: this file exists on the one machine
         env.setdefault("RAY_DATA_LOGGING_CONFIG", RAY_DATA_LOGGING)
+    if is_loopback(host):  # every Ray port on loopback (connect.LOOPBACK_ENV), jobs' too
+        env.update(LOOPBACK_ENV)
     cmd = ray_head_argv(bin_dir, temp_dir, ports, host, num_cpus, num_gpus)
     start_log = logs / "ray-start.log"
     with ThreadPoolExecutor(1) as pool:  # MLflow boots (~6-60 s) while Ray starts
@@ -288,6 +305,7 @@ def status(folder: Path) -> dict:
         "mlflow_http": http_ok(f"{ml}/health"),
     }
     state["processes"] = len(pids)
+    state["listening"] = listening(pids)  # loopback only unless `up --host` said otherwise
     return state
 
 

@@ -17,8 +17,8 @@ import signal
 import time
 import urllib.request
 
-__all__ = ["alive", "cmdline", "http_ok", "read_bytes", "start_time", "stop_tagged",
-           "tag_values", "tagged_pids"]
+__all__ = ["alive", "cmdline", "http_ok", "listening", "read_bytes", "start_time",
+           "stop_tagged", "tag_values", "tagged_pids"]
 
 
 def read_bytes(path: str) -> bytes:
@@ -33,6 +33,23 @@ def alive(pid: int) -> bool:
     """True while `pid` runs (a zombie waiting for its parent counts as gone)."""
     stat = read_bytes(f"/proc/{pid}/stat")
     return bool(stat) and stat.rsplit(b")", 1)[-1].split()[0] != b"Z"
+
+
+def listening(pids: list[int]) -> list[str]:
+    """The "host:port" of every TCP socket these processes listen on (gone ones skipped)."""
+    import psutil
+
+    found = set()
+    for pid in pids:
+        try:
+            conns = psutil.Process(pid).net_connections(kind="tcp")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        for c in conns:
+            if c.status == psutil.CONN_LISTEN:
+                host = c.laddr.ip.removeprefix("::ffff:")  # an IPv4 address on a dual stack
+                found.add(f"{host}:{c.laddr.port}")
+    return sorted(found)
 
 
 def cmdline(pid: int) -> str:
