@@ -83,13 +83,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(importlib.import_module(VERBS[args.verb][0]).run(args) or 0)
     except Exception as exc:
-        code = next((USER_ERRORS[c.__name__] for c in type(exc).__mro__
-                     if c.__name__ in USER_ERRORS), None)  # fmt: skip
-        if debug or code is None:
+        found = _user_error(exc)
+        if debug or found is None:
             raise
-        message = " ".join(str(exc).split())
+        cause, code = found
+        message = " ".join(str(cause).split())
         print(f"vqtok {args.verb}: {message} (--debug for the traceback)", file=sys.stderr)
         return code
+
+
+def _user_error(exc: BaseException, depth: int = 0) -> tuple[BaseException, int] | None:
+    """The user error in `exc`, itself or what it wraps, and its exit code: raised in a Ray
+    Train worker, it reaches the driver inside Ray's `WorkerGroupError.worker_failures`, each
+    a `RayTaskError` whose `.cause` is the original (the one whose message is printed)."""
+    if depth > 4:
+        return None
+    for c in type(exc).__mro__:
+        if c.__name__ in USER_ERRORS:
+            return getattr(exc, "cause", None) or exc, USER_ERRORS[c.__name__]
+    failures = getattr(exc, "worker_failures", None)
+    inner = [*(failures.values() if isinstance(failures, dict) else ()),
+             getattr(exc, "controller_failure", None), getattr(exc, "cause", None),
+             exc.__cause__]  # fmt: skip
+    for e in inner:
+        if isinstance(e, BaseException) and (found := _user_error(e, depth + 1)):
+            return found
+    return None
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipelines.cli import main as cli_main
 from pipelines.config import load_config
 from pipelines.store import checkpoint as ckpt
 from pipelines.training.launch import fit
@@ -162,6 +164,7 @@ def save(obj, f, *a, **k):
         os.kill(os.getpid(), signal.SIGKILL)
     return real_save(obj, f, *a, **k)
 torch.save = save
+from pipelines.cli import main as cli_main
 from pipelines.config import load_config
 from pipelines.training.launch import fit
 fit(load_config("jobs/debug.yaml", sys.argv[1:]), local=True)
@@ -370,18 +373,24 @@ def test_planted_pickle_in_a_checkpoint_runs_nothing(trained, shards, tmp_path, 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_planted_pickle_runs_nothing_under_ray(shards, tmp_path, ray_local):
+def test_planted_pickle_runs_nothing_under_ray(shards, tmp_path, ray_local, capsys):
     """Ray Train restores the checkpoint it registered: planted there, it is refused on the
-    workers and nothing runs."""
+    workers and nothing runs; `vqtok train` says so in one line (the error comes back inside
+    Ray's WorkerGroupError)."""
     first = _config(shards, tmp_path, "run", "train.steps=2", "train.ckpt_every=2",
                     "loss.gan_weight=0")  # fmt: skip
     fit(first, local=False)
     marker = tmp_path / "PWNED"
     _plant(first.run.run_dir, marker, legacy=False)
-    cfg = _config(shards, tmp_path, "run", "train.steps=4", "train.ckpt_every=2",
-                  "loss.gan_weight=0", "scaling.max_failures=0")  # fmt: skip
-    with pytest.raises(Exception, match="refusing to load"):
-        fit(cfg, local=False)
+    argv = ["train", str(ROOT / "jobs/debug.yaml"),
+            *_overrides(shards, tmp_path, "run", "train.steps=4", "train.ckpt_every=2",
+                        "loss.gan_weight=0", "scaling.max_failures=0")]  # fmt: skip
+    capsys.readouterr()
+    assert cli_main(argv) == 1
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("vqtok train: ")]
+    assert len(said) == 1 and "Traceback" not in err, err  # beside it: "[vqtok] ... resuming"
+    assert re.search(r"refusing to load .*mp_rank_00_model_states\.pt", said[0]), said
     assert not marker.exists()
 
 
