@@ -9,9 +9,12 @@ arXiv:2404.02905, Alg. 1).
 down_k: area average over f×f blocks (f×f×f with `downsample_time` on (B, C, T, H, W) input);
 a size n not divisible by f gives ceil(n / f) cells, the last averaging only the positions
 that exist. up_k: `nearest` or `linear` (bilinear 2D, trilinear 3D) upsampling by f, cropped
-back to n. φ_k: identity, or with `projections` a learned per-scale 1×1 conv initialised to
-the identity (VAR's per-scale φ, here 1×1; PVQ-VAE's "projections"), applied in forward and
-decode alike. Q_k: any registered family from `inner` — `lfq` (default) is PVQ, `vq` is the
+back to n. φ_k: a learned per-scale 1×1 conv initialised to the identity (`projections`, on
+by default; VAR's per-scale φ, here 1×1; the seed's "pyramidal token fusion"), applied in
+forward and decode alike, or the identity. With LFQ levels it is what lets a level's fixed ±1
+codes land on a learned vector: the debug PVQ-VAE's quantizer study gained 0.4-0.6 dB with it
+(seeds 0 and 1, BENCHMARKS.md "PVQ's level scaling"); VAR's own 3×3 φ (x/2 + conv3×3(x)/2)
+and a learned per-level gain did not help there. Q_k: any registered family from `inner` — `lfq` (default) is PVQ, `vq` is the
 PSVQ row of the ablation; `shared_codebook` gives one codebook for every scale as in VAR.
 s_k = scale_decay^k as in `rvq`, but 1 by default for every child: a level's residual is
 finer in resolution, not smaller in magnitude (VAR's Alg. 1 scales no level). With 0.5, the
@@ -54,7 +57,7 @@ class PyramidConfig(LevelsConfig):
     scales: list[float] = field(default_factory=lambda: [4, 2, 1])  # factors, coarse to fine
     downsample_time: bool = False  # also pool T of (B, C, T, H, W) input by the factor
     upsample: str = "linear"  # "nearest" | "linear" (bilinear / trilinear)
-    projections: bool = False  # learned per-scale 1×1 conv after upsampling (identity init)
+    projections: bool = True  # learned per-scale 1×1 conv after upsampling (identity init)
 
     @property
     def factors(self) -> tuple[int, ...]:
