@@ -357,17 +357,23 @@ def _plant(run: Path, marker: Path, legacy: bool) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("legacy", [False, True], ids=["manifests rewritten", "legacy ok"])
-def test_planted_pickle_in_a_checkpoint_runs_nothing(trained, shards, tmp_path, legacy):
+def test_planted_pickle_in_a_checkpoint_runs_nothing(trained, shards, tmp_path, legacy, capsys):
+    """`vqtok train --local` resuming a planted checkpoint: one line, exit 1, nothing runs."""
     run = shutil.copytree(trained, tmp_path / "run")
     marker = tmp_path / "PWNED"
     _plant(run, marker, legacy)
-    cfg = _config(shards, tmp_path, "run", "train.steps=6", "train.ckpt_every=2",
-                  "loss.gan_weight=0")  # fmt: skip
     if legacy:  # never loaded: passed over, so the run starts afresh (nothing to resume)
         assert ckpt.latest(run) is None
         return
-    with pytest.raises(ckpt.CheckpointError, match=r"refusing to load .*mp_rank_00_model"):
-        fit(cfg, local=True)
+    argv = ["train", str(ROOT / "jobs/debug.yaml"), "--local",
+            *_overrides(shards, tmp_path, "run", "train.steps=6", "train.ckpt_every=2",
+                        "loss.gan_weight=0")]  # fmt: skip
+    capsys.readouterr()
+    assert cli_main(argv) == 1
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("vqtok train: ")]
+    assert len(said) == 1 and "Traceback" not in err, err
+    assert re.search(r"refusing to load .*mp_rank_00_model_states\.pt", said[0]), said
     assert not marker.exists()
 
 
