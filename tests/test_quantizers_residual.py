@@ -66,6 +66,17 @@ def test_pyramid_scales_no_level_by_default():
     assert build({"type": "rvq_lfq", "dim": 4, "num_quantizers": 3}).level_scales == [1, 0.5, 0.25]
 
 
+def test_pyramid_fuses_each_level_by_default():
+    """PVQ's levels pass a learned 1×1 projection, identity at the start (BENCHMARKS.md "What
+    else PVQ's levels need"): a fresh pyramid equals the one without them."""
+    torch.manual_seed(0)
+    q = build({"type": "pyramid", "dim": 4})
+    plain = build({"type": "pyramid", "dim": 4, "projections": False})
+    assert q.fuse is not None and len(q.fuse) == 3 and plain.fuse is None
+    z = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(q.eval()(z).z_q, plain.eval()(z).z_q)
+
+
 def test_rvq_lfq_refines_like_a_binary_expansion():
     """Levels at scales 1, 1/2, 1/4, 1/8: each halves the residual's range, so for |z| < 2 the
     error after 4 levels is below 1/8 (hand computation)."""
