@@ -46,12 +46,11 @@ def worker_pool_env(num_cpus: float | None = None) -> dict[str, str]:
     return {"RAY_num_workers_soft_limit": str(max(4, int(2 * cpus)))}
 
 
-# Ray takes the loopback address as its node's address, and then binds every daemon (GCS,
-# raylet, dashboard and runtime-env agents, metrics exporters, workers) to loopback, only
-# where it thinks a cluster cannot be made (macOS, Windows: `ray_constants.ENABLE_RAY_CLUSTER`,
-# read from this variable when `ray` is imported); elsewhere a loopback `--node-ip-address`
-# is swapped for the machine's address and those ports listen on every interface
-# (docs/RUNTIME.md). A Ray of one machine, ours, needs no other interface.
+# A Ray of one machine on loopback only. Ray binds its daemons (GCS, raylet, agents, metrics
+# exporters, workers) to the node's address, and takes loopback for it only where it thinks
+# no cluster can be made (`ray_constants.ENABLE_RAY_CLUSTER`, read from this variable when
+# `ray` is imported); a loopback `--node-ip-address` is swapped for the machine's address
+# (docs/RUNTIME.md).
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
@@ -121,9 +120,8 @@ def init_ray(**kwargs) -> None:
 @contextlib.contextmanager
 def _loopback_node():
     """A private local Ray on loopback only: its daemons read `LOOPBACK_ENV` as they start;
-    this driver read Ray's flag when it imported `ray` (before any vqtok code ran, under
-    pytest or a notebook), so the flag is set for the call too. Both are put back after: a
-    later `ray.init` of this process may join a real cluster."""
+    this driver read Ray's flag when it imported `ray`, so the flag is set for the call too.
+    Both are put back after: a later `ray.init` of this process may join a real cluster."""
     from ray._private import ray_constants
 
     saved_env = {k: os.environ.get(k) for k in LOOPBACK_ENV}

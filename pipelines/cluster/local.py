@@ -29,11 +29,11 @@ exporters, client server, workers) is on loopback too (`connect.LOOPBACK_ENV`: `
 has no bind option and swaps a loopback `--node-ip-address` for the machine's address);
 `vqtok cluster status` lists what listens. With another `--host` Ray's daemons listen on
 every interface. Ray token auth stays ON by default either way (token in `~/.ray/auth_token`,
-created if missing): another local user can still reach loopback ports. Clients of this user need only
-`RAY_AUTH_MODE=token` (the CLI's default mode is "disabled"); other machines also need the
-token (copy the file to `RAY_AUTH_TOKEN_PATH`, or set `RAY_AUTH_TOKEN`). `--no-auth`
-(`RAY_AUTH_MODE=disabled`) is for a machine whose ports nobody else can reach; an explicit
-`RAY_AUTH_MODE` in the environment wins.
+created if missing): other users of the machine reach loopback too. Clients of this user
+need only `RAY_AUTH_MODE=token` (the CLI's default mode is "disabled"); other machines also
+need the token (copy the file to `RAY_AUTH_TOKEN_PATH`, or set `RAY_AUTH_TOKEN`).
+`--no-auth` (`RAY_AUTH_MODE=disabled`) is for a machine whose ports nobody else can reach; an
+explicit `RAY_AUTH_MODE` in the environment wins.
 """
 
 from __future__ import annotations
