@@ -7,13 +7,15 @@ interface. `vqtok cluster up` is checked live in `test_cluster.py::test_cluster_
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from pipelines.cluster.connect import LOOPBACK_ENV, OWNER
-from pipelines.cluster.procs import listening, tag_values
+from pipelines.cluster.procs import alive, listening, tag_values
 
 # a worker process is started too (a task runs), and the dashboard, as vqtok runs have it
 DRIVER = (
@@ -51,3 +53,15 @@ def test_a_private_local_rays_ports_listen_on_loopback_only():
         assert said["env"] == {k: os.environ.get(k) for k in LOOPBACK_ENV}
     finally:
         driver.communicate("\n", timeout=60)
+        _wait_gone([p for p in pids if p != driver.pid])
+
+
+def _wait_gone(pids: list[int], timeout_s: float = 30.0) -> None:
+    """Ray stops its processes after the driver exits; wait for them (SIGKILL what is left),
+    or the next test's local Ray would find them orphaned and say so."""
+    deadline = time.monotonic() + timeout_s
+    while [p for p in pids if alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for p in pids:
+        if alive(p):
+            os.kill(p, signal.SIGKILL)
