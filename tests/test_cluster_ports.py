@@ -7,15 +7,13 @@ interface. `vqtok cluster up` is checked live in `test_cluster.py::test_cluster_
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from pipelines.cluster.connect import LOOPBACK_ENV, OWNER
-from pipelines.cluster.procs import alive, listening, tag_values
+from pipelines.cluster.connect import LOOPBACK_ENV, local_ray_pids, reap_orphans
+from pipelines.cluster.procs import listening
 
 # a worker process is started too (a task runs), and the dashboard, as vqtok runs have it
 DRIVER = (
@@ -42,8 +40,7 @@ def test_a_private_local_rays_ports_listen_on_loopback_only():
                               env={**os.environ, "RAY_ADDRESS": ""})  # fmt: skip
     try:
         said = json.loads(driver.stdout.readline())
-        pids = [driver.pid] + [p for value, ps in tag_values(OWNER).items()
-                               if value.split(":")[0] == str(driver.pid) for p in ps]  # fmt: skip
+        pids = [driver.pid, *local_ray_pids(driver.pid)]
         ports = listening(pids)
         assert len(pids) >= 4 and len(ports) >= 6, (pids, ports)  # GCS, raylet, agents, ...
         assert all(_is_loopback(a) for a in ports), ports
@@ -53,15 +50,4 @@ def test_a_private_local_rays_ports_listen_on_loopback_only():
         assert said["env"] == {k: os.environ.get(k) for k in LOOPBACK_ENV}
     finally:
         driver.communicate("\n", timeout=60)
-        _wait_gone([p for p in pids if p != driver.pid])
-
-
-def _wait_gone(pids: list[int], timeout_s: float = 30.0) -> None:
-    """Ray stops its processes after the driver exits; wait for them (SIGKILL what is left),
-    or the next test's local Ray would find them orphaned and say so."""
-    deadline = time.monotonic() + timeout_s
-    while [p for p in pids if alive(p)] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for p in pids:
-        if alive(p):
-            os.kill(p, signal.SIGKILL)
+        reap_orphans()  # what its Ray has not stopped yet, or the next local Ray reports it

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from pipelines.cluster.connect import OWNER, reap_orphans
-from pipelines.cluster.procs import alive, start_time, tag_values
+from pipelines.cluster.connect import OWNER, local_ray_pids, reap_orphans
+from pipelines.cluster.procs import alive, start_time
 
 DRIVER = (
     "import time\n"
@@ -20,11 +20,6 @@ DRIVER = (
     "print('up', flush=True)\n"
     "time.sleep(600)\n"
 )
-
-
-def _owned_by(pid: int) -> list[int]:
-    return [p for value, pids in tag_values(OWNER).items()
-            if value.split(":")[0] == str(pid) for p in pids]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -37,7 +32,7 @@ def test_a_killed_drivers_local_ray_is_reaped_and_a_live_ones_is_not():
         while line.startswith("[vqtok] stopped"):  # what an earlier test's Ray left, reaped
             line = driver.stdout.readline()
         assert line.strip() == "up"
-        ray_pids = _owned_by(driver.pid)
+        ray_pids = local_ray_pids(driver.pid)
         assert ray_pids, "the local Ray's processes carry their driver's identity"
         assert OWNER not in os.environ  # only Ray's processes, not the driver's later children
         assert not any(str(p) in line.split()[0] for line in reap_orphans() for p in ray_pids)
@@ -50,7 +45,7 @@ def test_a_killed_drivers_local_ray_is_reaped_and_a_live_ones_is_not():
         # those that do not (the agents the issue found): same tag, owner gone
         planted = subprocess.Popen(["sleep", "600"], env={**os.environ, OWNER: tag})
         time.sleep(0.5)
-        left = [p for p in _owned_by(driver.pid) if alive(p)]
+        left = [p for p in local_ray_pids(driver.pid) if alive(p)]
         assert planted.pid in left
         stopped = reap_orphans()
         assert {int(line.split()[0]) for line in stopped} >= set(left)
@@ -62,7 +57,7 @@ def test_a_killed_drivers_local_ray_is_reaped_and_a_live_ones_is_not():
     finally:
         if driver.poll() is None:
             driver.kill()
-        for p in _owned_by(driver.pid):
+        for p in local_ray_pids(driver.pid):
             try:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:

@@ -145,6 +145,14 @@ def _owner(pid: int) -> str:
     return f"{pid}:{start_time(pid)}"
 
 
+def local_ray_pids(driver_pid: int) -> list[int]:
+    """The live processes of the private local Ray that driver `driver_pid` started."""
+    from pipelines.cluster.procs import tag_values
+
+    return [p for value, pids in tag_values(OWNER).items()
+            if value.split(":")[0] == str(driver_pid) for p in pids]  # fmt: skip
+
+
 def reap_orphans(grace_s: float = 6.0) -> list[str]:
     """Stop what private local Rays left behind when their driver died without stopping
     them (a SIGKILLed `vqtok train`: raylet, GCS, dashboard and runtime-env agents, idle
