@@ -69,3 +69,24 @@ def test_recon_grid_shows_no_padded_frame_and_is_readable():
         assert len(np.unique(cell(r, 0))) > 2
         for j in (1, 2, 3):
             assert set(np.unique(cell(r, j))) == {96, 160}
+
+
+def test_recon_grid_puts_images_side_by_side():
+    """Single frames: one column a sample (input above, recon below), one screen high."""
+    import numpy as np
+
+    from pipelines.inference.evaluate import recon_grid
+
+    x = torch.rand(6, 3, 32, 32) * 2 - 1
+    x_hat = -x
+    grid = recon_grid(x, x_hat, max_items=4)
+    scale = 4  # 4 samples × 32 px -> ×4 = 512 px, + the label margins
+    assert grid.shape[0] - 2 * 32 * scale < 32 and grid.shape[1] >= 512
+    top, left = grid.shape[0] - 2 * 32 * scale, grid.shape[1] - 4 * 32 * scale
+    body = grid[top:, left:]
+    for i in range(4):
+        for row, src in enumerate((x, x_hat)):
+            cell = body[row * 32 * scale : (row + 1) * 32 * scale,
+                        i * 32 * scale : (i + 1) * 32 * scale]  # fmt: skip
+            expected = ((src[i].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+            np.testing.assert_array_equal(cell[::scale, ::scale], expected)

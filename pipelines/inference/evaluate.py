@@ -52,10 +52,16 @@ def recon_grid(
 ) -> np.ndarray:
     """uint8 (H, W, 3) grid a person can read: per sample two rows, its input frames above
     their reconstructions; columns are frames (labelled t=0, 1, ...). A clip's padded
-    frames (past `num_frames`) are not shown: their cells are hatched grey. Enlarged by an
-    integer nearest-neighbour factor to at least `min_width` pixels wide."""
+    frames (past `num_frames`) are not shown: their cells are hatched grey. Single frames
+    (images) go side by side instead, one column a sample (#0, #1, ...), so the grid is one
+    screen high. Enlarged by an integer nearest-neighbour factor to at least `min_width`
+    pixels wide."""
     if x.dim() == 4:
         x, x_hat = x[:, :, None], x_hat[:, :, None]
+    column = "t="
+    if x.shape[2] == 1:  # samples as the columns of one row pair
+        x, x_hat = (v[:max_items].transpose(0, 2) for v in (x, x_hat))
+        num_frames, max_frames, column = None, max_items, "#"
     b, t = min(max_items, x.shape[0]), min(max_frames, x.shape[2])
     h, w = x.shape[-2:]
     real = [t] * b if num_frames is None else [min(t, int(n)) for n in num_frames[:b]]
@@ -71,11 +77,11 @@ def recon_grid(
                 grid[:, y0 : y0 + h, j * w : (j + 1) * w] = cell
     scale = max(1, -(-min_width // (t * w)))
     grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
-    return _label(grid.permute(1, 2, 0).numpy(), b, t, h * scale, w * scale)
+    return _label(grid.permute(1, 2, 0).numpy(), b, t, h * scale, w * scale, column)
 
 
-def _label(img: np.ndarray, items: int, frames: int, h: int, w: int) -> np.ndarray:
-    """A header with the frame index over each column and "input"/"recon" at each row."""
+def _label(img: np.ndarray, items: int, frames: int, h: int, w: int, column: str) -> np.ndarray:
+    """A header naming each column (`column` + its index) and "input"/"recon" at each row."""
     from PIL import Image, ImageDraw
 
     pad_top, pad_left = 14, 40
@@ -83,7 +89,7 @@ def _label(img: np.ndarray, items: int, frames: int, h: int, w: int) -> np.ndarr
     canvas.paste(Image.fromarray(img), (pad_left, pad_top))
     draw = ImageDraw.Draw(canvas)
     for j in range(frames):
-        draw.text((pad_left + j * w + 2, 1), f"t={j}", fill="black")
+        draw.text((pad_left + j * w + 2, 1), f"{column}{j}", fill="black")
     for r in range(2 * items):
         draw.text((2, pad_top + r * h + h // 2 - 5), "input" if r % 2 == 0 else "recon",
                   fill="black")  # fmt: skip
