@@ -58,6 +58,10 @@ def test_study_has_the_seed_variants_and_sizes():
     assert list(gpu.configs) == ["pvq", "vq"] and gpu.seeds == [42] and gpu.data is None
     assert all(c.scaling.use_gpu and c.train.steps == 7 for c in gpu.configs.values())
     assert gpu.configs["pvq"].model == _pvqvae("default", latent_dim=16, quantizer=q["pvq"])
+    seed_decoder = load_study(STUDY, scale="gpu", variants=["pvq_seed_decoder"])  # gpu only
+    model = seed_decoder.configs["pvq_seed_decoder"].model
+    assert model.decoder_blocks == 3 and model.quantizer == q["pvq"]
+    assert "pvq_seed_decoder" not in study.configs
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])

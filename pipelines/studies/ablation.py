@@ -61,6 +61,7 @@ from pipelines.config import (
     from_dict,
     parse_override,
     read_sections,
+    set_dotted,
     validate,
 )
 from pipelines.studies.ablation_report import (
@@ -123,7 +124,7 @@ def load_study(
     # the section itself: the file <- the scale's `ablation.*` keys <- the command line's
     for key, value in [*scaled.items(), *pairs]:
         if key.startswith("ablation."):
-            _set(spec, key.removeprefix("ablation."), value)
+            set_dotted(spec, key.removeprefix("ablation."), value)
     unknown = sorted(set(spec) - SPEC_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown ablation key(s) {unknown}; known: {sorted(SPEC_KEYS)}")
@@ -137,7 +138,7 @@ def load_study(
     base = copy.deepcopy(raw)
     for key, value in [*scaled.items(), *pairs]:
         if not key.startswith("ablation."):
-            _set(base, key, value)
+            set_dotted(base, key, value)
     if spec.get("data") is not None:
         if not isinstance(spec["data"], dict) or not spec["data"].get("out"):
             raise ConfigError(f"{path}: ablation.data needs `out: FOLDER`, got {spec['data']!r}")
@@ -172,11 +173,11 @@ def _variant_config(base: dict, name: str, v: Any, storage: Path, what: str) -> 
     plain = not v or "quantizer" in v or any("." in k or k in _SECTIONS for k in v)
     extra = dict(v) if plain else {"quantizer": v}
     if "quantizer" in extra:
-        _set(cfg_raw, "model.quantizer", extra.pop("quantizer"))
+        set_dotted(cfg_raw, "model.quantizer", extra.pop("quantizer"))
     for key, value in extra.items():
-        _set(cfg_raw, key, value)
-    _set(cfg_raw, "run.name", name)
-    _set(cfg_raw, "run.storage", str(storage))
+        set_dotted(cfg_raw, key, value)
+    set_dotted(cfg_raw, "run.name", name)
+    set_dotted(cfg_raw, "run.storage", str(storage))
     try:
         cfg = from_dict(Config, cfg_raw, "")
         validate(cfg)  # builds the quantizer once: a bad key fails here
@@ -194,15 +195,6 @@ def _fill(value: Any, placeholder: str, text: str) -> Any:
     if isinstance(value, list):
         return [_fill(v, placeholder, text) for v in value]
     return value
-
-
-def _set(d: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        d = d.setdefault(p, {})
-        if not isinstance(d, dict):
-            raise ConfigError(f"{dotted}: {p!r} is a value, not a section")
-    d[leaf] = value
 
 
 def _fill_data_folder(base: dict, folder: str) -> None:

@@ -88,6 +88,8 @@ def variant_label(cfg: Any) -> str:
     label = " + ".join(f"{name} {quantizer_label(s)}".strip() for name, s in specs.items())
     off = [b for b in ("fft", "dwt") if getattr(model, f"use_{b}", None) is False]
     label += " w/o " + "+".join(off).upper() if off else ""
+    if getattr(model, "decoder_blocks", 0):
+        label += f" + {model.decoder_blocks} decoder blocks"
     loss = cfg.loss
     if loss.teacher_weight > 0:
         label += f" + teacher {loss.teacher.distance} ×{loss.teacher_weight:g}"
