@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     if "--verbose" in argv:  # Ray, DeepSpeed and torch lines kept (pipelines.cluster.connect)
         os.environ["VQTOK_VERBOSE"] = "1"
+    else:
+        from pipelines.tracking.progress import one_line_warnings
+
+        one_line_warnings()
     args = parse([a for a in argv if a not in ("--debug", "--verbose")])
     try:
         return int(importlib.import_module(VERBS[args.verb][0]).run(args) or 0)

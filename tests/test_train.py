@@ -116,6 +116,18 @@ def test_hfsvq_alternates_locally(shards, tmp_path, capfd):
     assert "No CUDA runtime is found" not in err
 
 
+def test_vqtok_warnings_print_in_one_line():
+    """Workers print vqtok's own warnings as one line (Python's default is a file:line header
+    and the source line); a library's warning keeps Python's format."""
+    from pipelines.tracking.progress import _format_warning
+
+    ours = _format_warning(UserWarning("LPIPS is OFF: no weights"), UserWarning,
+                             "/repo/vqcore/metrics.py", 162, "perceptual = Perceptual(c)")  # fmt: skip
+    assert ours == "[vqtok] warning: LPIPS is OFF: no weights\n"
+    theirs = _format_warning("old", DeprecationWarning, "/env/site-packages/ray/x.py", 3, "f()")
+    assert theirs == "/env/site-packages/ray/x.py:3: DeprecationWarning: old\n  f()\n"
+
+
 def test_compiled_training_equals_eager(shards, tmp_path):
     """`train.compile`: the generator and discriminator are compiled in place (Dynamo's
     "eager" backend here: its graphs without code generation, which would take minutes on

@@ -1,13 +1,31 @@
 """Console progress of long work that is not a training loop (`vqtok tokenize`, `eval`,
 `detokenize`, `ablate`): one plain line at most every `every_s` seconds and one at the end,
 on stderr. Lines rather than a redrawn bar (tqdm, as `vqtok shards` uses on a terminal),
-because these verbs mostly run under `ray job submit`, whose logs keep every redraw."""
+because these verbs mostly run under `ray job submit`, whose logs keep every redraw. And
+vqtok's own warnings in one line (`one_line_warnings`)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+import warnings
 from typing import TextIO
+
+
+def one_line_warnings() -> None:
+    """Print vqtok's own warnings (raised in vqcore or pipelines, e.g. "LPIPS is OFF") as one
+    `[vqtok] warning: ...` line instead of Python's file:line header and source line; other
+    libraries' warnings keep Python's format. The CLI and every training worker install it
+    unless `--verbose`."""
+    warnings.formatwarning = _format_warning
+
+
+def _format_warning(message, category, filename, lineno, line=None,
+                    _python=warnings.formatwarning):  # fmt: skip
+    if f"{os.sep}vqcore{os.sep}" in filename or f"{os.sep}pipelines{os.sep}" in filename:
+        return f"[vqtok] warning: {message}\n"
+    return _python(message, category, filename, lineno, line)
 
 
 class Progress:

@@ -23,6 +23,7 @@ from pathlib import Path
 from pipelines.cluster.connect import init_ray, verbose
 from pipelines.config import Config, ConfigError, from_dict, load_config, save_config, validate
 from pipelines.store import checkpoint as ckpt
+from pipelines.tracking.progress import one_line_warnings
 from pipelines.training.loop import NonFiniteLossError, nonfinite_message, train_loop
 from pipelines.training.resume import newest_sound, reconcile, resume_checkpoint
 from pipelines.training.sessions import LocalSession, RaySession
@@ -34,13 +35,15 @@ def _quiet_worker() -> None:
     extension loader); DeepSpeed's "… built successfully", a `print` per engine that Ray
     Train turns into a root-logger record; Ray 2.60's per-report INFO line (the whole metrics
     dict, every report, every rank), from a logger named by its file path that
-    `LoggingConfig` does not reach."""
+    `LoggingConfig` does not reach. vqtok's own warnings (e.g. "LPIPS is OFF") print as one
+    `[vqtok] warning:` line instead of Python's file:line header and source line."""
     import logging
 
     import torch
 
     if verbose():
         return
+    one_line_warnings()
     if not torch.cuda.is_available():
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     logging.getLogger().addFilter(lambda r: "built successfully" not in str(r.msg))
