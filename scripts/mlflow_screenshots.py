@@ -3,7 +3,7 @@
     python scripts/mlflow_screenshots.py RUN_FOLDER [--out docs/images]
 
 RUN_FOLDER is a training run: it holds `mlflow_run_id` and `config.yaml`, whose
-`run.tracking_uri` names the store (a demo run's is `RUN_FOLDER/mlflow/mlflow.db`). Needs
+`run.tracking_uri` names the store; unset, the run's own `RUN_FOLDER/mlflow/mlflow.db`. Needs
 `chromium` (Debian: `apt-get install chromium`). The pages open in MLflow's "Model training"
 layout (`?workflowType=machine_learning`, the layout vqtok's links use).
 
@@ -106,7 +106,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     run = args.run.resolve()
     run_id = (run / "mlflow_run_id").read_text().strip()
-    uri = yaml.safe_load((run / "config.yaml").read_text())["run"]["tracking_uri"]
+    store = run / "mlflow" / "mlflow.db"  # a run's own store (make demo, tracking_uri unset)
+    uri = yaml.safe_load((run / "config.yaml").read_text())["run"].get("tracking_uri")
+    uri = uri or f"sqlite:///{store}"
     exp = MlflowClient(uri).get_run(run_id).info.experiment_id
     grid = sorted((run / "tracking/files/recon").glob("*.png"))[-1].name
     args.out.mkdir(parents=True, exist_ok=True)
