@@ -38,6 +38,7 @@ VERBS: dict[str, tuple[str, str]] = {
     ),
     "ablate": ("pipelines.studies.ablation", "train one config with several quantizers; a results table"),
     "cluster": ("pipelines.cluster.local", "a local Ray head + MLflow server for `ray job submit`"),
+    "submit": ("pipelines.cluster.submit", "run a command as a Ray job on a cluster; follow its log"),
 }
 
 
@@ -71,11 +72,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 # exception class name -> exit code: the errors a user causes (see the module doc)
 USER_ERRORS = {"ConfigError": 2, "CheckpointError": 1, "ModelLoadError": 1, "ClusterError": 1,
-               "NonFiniteLossError": 1}  # fmt: skip
+               "NonFiniteLossError": 1, "SubmitError": 2}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)  # past it: `vqtok submit`'s command
+    argv, command = argv[:cut], argv[cut:]
     debug = "--debug" in argv
     if "--verbose" in argv:  # Ray, DeepSpeed and torch lines kept (pipelines.cluster.connect)
         os.environ["VQTOK_VERBOSE"] = "1"
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.tracking.progress import one_line_warnings
 
         one_line_warnings()
-    args = parse([a for a in argv if a not in ("--debug", "--verbose")])
+    args = parse([a for a in argv if a not in ("--debug", "--verbose")] + command)
     try:
         return int(importlib.import_module(VERBS[args.verb][0]).run(args) or 0)
     except Exception as exc:

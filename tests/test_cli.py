@@ -11,7 +11,7 @@ from pipelines.cli import VERBS, build_parser
 ROOT = Path(__file__).resolve().parents[1]
 
 EXPECTED = {"demo", "demo-data", "shards", "inspect", "train", "eval", "tune", "quantizers",
-            "cluster", "ablate", "tokenize", "detokenize"}  # fmt: skip
+            "cluster", "submit", "ablate", "tokenize", "detokenize"}  # fmt: skip
 
 
 def test_verbs_are_pinned():
@@ -114,3 +114,20 @@ def test_tokenize_and_detokenize_have_their_own_required_arguments(capsys):
         with pytest.raises(SystemExit) as done:
             build_parser([verb]).parse_args([verb, "--out", "x"])
         assert done.value.code == 2 and required in capsys.readouterr().err
+
+
+def test_submit_keeps_what_follows_the_double_dash(monkeypatch):
+    """`vqtok submit -- CMD`: CMD is the job's, `--verbose`/`--debug` in it included; a missing
+    command or cluster is a one-line error (exit 2) before anything is uploaded."""
+    import os
+
+    from pipelines.cli import main, parse
+
+    args = parse(["submit", "--address", "http://h:8265", "--", "vqtok", "train", "x.yaml",
+                  "train.steps=3", "--verbose"])  # fmt: skip
+    assert args.command == ["--", "vqtok", "train", "x.yaml", "train.steps=3", "--verbose"]
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("VQTOK_VERBOSE", raising=False)
+    assert main(["submit", "--", "vqtok", "train", "x.yaml", "--verbose"]) == 2
+    assert "VQTOK_VERBOSE" not in os.environ  # the job's flag, not this process's
+    assert main(["submit"]) == 2

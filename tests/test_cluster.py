@@ -249,6 +249,29 @@ def test_cluster_up_submit_down():
         runs = client.search_runs([exp.experiment_id], "attributes.run_name = 'submitted'")
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
         assert "eval/psnr" in runs[0].data.metrics
+
+        # `vqtok submit`: the same job through the client library, the log is the job's
+        # output between the job's id and its end status (a --verbose after -- is the job's,
+        # not the client's: no packaging lines); a failing job exits 1
+        env["RAY_ADDRESS"] = state["ray"]["address"]
+        t0 = time.monotonic()
+        ours = _run(
+            [BIN / "vqtok", "submit", "--working-dir", ROOT, "--",
+             "vqtok", "train", "jobs/debug.yaml", "train.steps=2", "train.log_every=1",
+             f"data.shards=[{work}/demo/train-*.tar]", f"train.eval_shards=[{work}/demo/val-*.tar]",
+             f"run.storage={work}/runs", "run.name=submitted2", "--verbose"],
+            600, env=env,
+        )  # fmt: skip
+        times["vqtok submit"] = time.monotonic() - t0
+        log = ours.stdout + ours.stderr
+        assert ours.returncode == 0 and ": SUCCEEDED" in log, log[-3000:]
+        assert "[vqtok] step 2/2" in log and "Ignoring upload" not in log and "Next steps" not in log
+        assert (work / "runs" / "submitted2" / "step_00000002").is_dir()
+        failed = _run([BIN / "vqtok", "submit", "--working-dir", ROOT, "--",
+                       "vqtok", "train", "jobs/no-such.yaml"], 300, env=env)  # fmt: skip
+        log = failed.stdout + failed.stderr
+        assert failed.returncode == 1 and ": FAILED" in log, log[-3000:]
+        assert "vqtok train: config file not found: jobs/no-such.yaml" in log
     finally:
         if state is not None:
             t0 = time.monotonic()

@@ -352,7 +352,9 @@ def _print_up(s: dict) -> None:
     env = " ".join(f"{k}={v}" for k, v in s["env"].items())
     print(f"  export {env}   # then ray job submit / status / logs work as printed")
     print(f"  submit (absolute paths: the job runs in an uploaded copy of the repo):\n"
-          f"    {s['submit']}")  # fmt: skip
+          f"    {s['submit']}\n"
+          f"    or, with only the job's output and its end status:\n"
+          f"    {s['submit'].replace('ray job submit', 'vqtok submit', 1)}")  # fmt: skip
     print(f"  logs: {ray['logs']['session']}  {ml['log']}")
     print(f"  stop: vqtok cluster down --dir {s['dir']}")
 
