@@ -40,9 +40,13 @@ def test_every_job_config_loads(path, tmp_path):
     shards = [f"data.shards=[{tmp_path}/train-*.tar]"]
     raw = yaml.safe_load(path.read_text())
     if "ablation" in raw:  # a study: every variant at every scale is a valid config
-        for scale in raw["ablation"]["scales"]:
+        for scale, overrides in raw["ablation"]["scales"].items():
             study = load_study(path, shards, scale=scale)
-            assert list(study.configs) == list(raw["ablation"]["variants"])
+            variants = list(raw["ablation"]["variants"])  # a scale may replace or add some
+            variants += [k.removeprefix("ablation.variants.") for k in overrides
+                         if k.startswith("ablation.variants.")
+                         and k.removeprefix("ablation.variants.") not in variants]  # fmt: skip
+            assert list(study.configs) == variants
         return
     if set(raw) - CONFIG_SECTIONS:  # another verb's file (e.g. a tune study): its run config
         path = tmp_path / path.name
