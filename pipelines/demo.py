@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from pipelines.tracking.server import mlflow_ui_url
+from pipelines.tracking.tracker import run_store_uri
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
@@ -67,8 +68,7 @@ def run(args: argparse.Namespace) -> int:
     grid = sorted(cfg.run.run_dir.glob("**/recon*.png"))
     if grid:
         print(f"Recon grid:   {grid[-1]}")
-    db = cfg.run.run_dir / "mlflow" / "mlflow.db"
-    uri = cfg.run.tracking_uri or f"sqlite:///{db}"
+    uri = cfg.run.tracking_uri or run_store_uri(cfg.run.run_dir)
     print(f"\nRun folder:   {cfg.run.run_dir}")
     print(
         f"Checkpoints:  {cfg.run.run_dir}/step_*  (vqtok eval --model {cfg.run.run_dir} "

@@ -21,7 +21,6 @@ import asyncio
 import base64
 import json
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -31,24 +30,14 @@ import aiohttp
 import yaml
 from mlflow import MlflowClient
 
+from pipelines.tracking.server import start_mlflow_server, stop_mlflow_server
+from pipelines.tracking.tracker import run_store_uri
+
 WIDTH, HEIGHT = 1600, 1000
 CLOSE_ASSISTANT = """(() => {
   const b = document.querySelector('[data-component-id="mlflow.assistant.chat_panel.close"]');
   if (b) b.click();
   return b !== null; })()"""
-
-
-def _wait_http(url: str, seconds: float = 60) -> None:
-    end = time.monotonic() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except OSError:
-            if time.monotonic() > end:
-                msg = f"mlflow_screenshots: {url} did not answer in {seconds:.0f} s"
-                raise SystemExit(msg) from None
-            time.sleep(0.5)
 
 
 class Page:
@@ -102,13 +91,11 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path, help="a training run folder (holds mlflow_run_id)")
     ap.add_argument("--out", type=Path, default=Path("docs/images"))
-    ap.add_argument("--port", type=int, default=5079, help="port for the MLflow UI server")
     args = ap.parse_args(argv)
     run = args.run.resolve()
     run_id = (run / "mlflow_run_id").read_text().strip()
-    store = run / "mlflow" / "mlflow.db"  # a run's own store (make demo, tracking_uri unset)
     uri = yaml.safe_load((run / "config.yaml").read_text())["run"].get("tracking_uri")
-    uri = uri or f"sqlite:///{store}"
+    uri = uri or run_store_uri(run)
     exp = MlflowClient(uri).get_run(run_id).info.experiment_id
     grid = sorted((run / "tracking/files/recon").glob("*.png"))[-1].name
     args.out.mkdir(parents=True, exist_ok=True)
@@ -119,29 +106,25 @@ def main(argv=None) -> None:
         "grid": f"runs/{run_id}/artifacts/recon/{grid}{q}",
         "models": f"models{q}",
     }
-    log = open(Path(tempfile.gettempdir()) / "vqtok-mlflow-ui.log", "w")
-    with tempfile.TemporaryDirectory() as profile:
-        ui = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-              "--host", "127.0.0.1", "--port", str(args.port)]  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        profile = Path(tmp) / "chromium"
         browser = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                    f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"]  # fmt: skip
-        procs = [subprocess.Popen(ui, stdout=log, stderr=log),
-                 subprocess.Popen(browser, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]  # fmt: skip
+        server, url = start_mlflow_server(uri, Path(tmp) / "artifacts")  # runs keep theirs
+        chromium = subprocess.Popen(browser, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            _wait_http(f"http://127.0.0.1:{args.port}/")
-            port_file = Path(profile) / "DevToolsActivePort"
+            port_file = profile / "DevToolsActivePort"
             for _ in range(100):
                 if port_file.exists() and port_file.read_text().strip():
                     break
                 time.sleep(0.2)
             debug_port = int(port_file.read_text().split()[0])
-            base = f"http://127.0.0.1:{args.port}/#/experiments/{exp}/"
+            base = f"{url}/#/experiments/{exp}/"
             asyncio.run(_take(debug_port, base, pages, args.out))
         finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                p.wait(timeout=30)
+            chromium.terminate()
+            chromium.wait(timeout=30)
+            stop_mlflow_server(server)
 
 
 if __name__ == "__main__":

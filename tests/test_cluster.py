@@ -301,6 +301,8 @@ def test_submit_line_is_absolute_and_quoted(tmp_path):
     assert words[:5] == ["ray", "job", "submit", "--working-dir", root]
     assert f"data.shards=[{root}/demo_data/train-*.tar]" in words
     assert "'data.shards=[" in line  # the glob is quoted for the shell
+    quiet = shlex.split(submit_line(tmp_path / "my repo", ("vqtok", "submit")))
+    assert quiet[:2] == ["vqtok", "submit"] and quiet[2:] == words[3:]
 
 
 def test_ray_data_console_config_loads_and_is_quiet():

@@ -268,16 +268,18 @@ def up(folder: Path, host: str = "127.0.0.1", num_cpus: int | None = None,
         },
         "env": {"RAY_ADDRESS": dashboard, "RAY_AUTH_MODE": auth_mode},
         "submit": submit_line(Path.cwd()),
+        "submit_quiet": submit_line(Path.cwd(), ("vqtok", "submit")),
     }  # fmt: skip
     state_path.write_text(json.dumps(state, indent=1))
     return state
 
 
-def submit_line(root: Path) -> str:
+def submit_line(root: Path, client: tuple[str, ...] = ("ray", "job", "submit")) -> str:
     """The demo job's submit command with absolute, shell-quoted paths (right from any folder
-    and in any shell; the globs are expanded by vqtok, not the shell)."""
+    and in any shell; the globs are expanded by vqtok, not the shell); `client` is the
+    submitting command (`ray job submit`, or `vqtok submit`, which takes the same line)."""
     root = root.resolve()
-    args = ["ray", "job", "submit", "--working-dir", str(root), "--", "vqtok", "train",
+    args = [*client, "--working-dir", str(root), "--", "vqtok", "train",
             "jobs/demo.yaml", f"data.shards=[{root}/demo_data/train-*.tar]",
             f"train.eval_shards=[{root}/demo_data/val-*.tar]", f"run.storage={root}/runs"]  # fmt: skip
     return shlex.join(args)
@@ -354,7 +356,7 @@ def _print_up(s: dict) -> None:
     print(f"  submit (absolute paths: the job runs in an uploaded copy of the repo):\n"
           f"    {s['submit']}\n"
           f"    or, with only the job's output and its end status:\n"
-          f"    {s['submit'].replace('ray job submit', 'vqtok submit', 1)}")  # fmt: skip
+          f"    {s['submit_quiet']}")  # fmt: skip
     print(f"  logs: {ray['logs']['session']}  {ml['log']}")
     print(f"  stop: vqtok cluster down --dir {s['dir']}")
 

@@ -96,6 +96,12 @@ def sync_journal(run_dir: str | Path, tracking_uri: str | None = None) -> int:
     return Tracker(run_dir, tracking_uri).sync()
 
 
+def run_store_uri(run_dir: str | Path) -> str:
+    """A run folder's own MLflow store (`<run_dir>/mlflow/mlflow.db`): where a run logs
+    when neither `run.tracking_uri` nor MLFLOW_TRACKING_URI names another."""
+    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow' / 'mlflow.db'}"
+
+
 class Tracker:
     """The MLflow run of one run directory; no call raises because the store failed."""
 
@@ -123,7 +129,7 @@ class Tracker:
         """
         self.run_dir = Path(run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        default = f"sqlite:///{self.run_dir / 'mlflow' / 'mlflow.db'}"
+        default = run_store_uri(self.run_dir)
         self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default
         if self.tracking_uri == default:
             (self.run_dir / "mlflow").mkdir(exist_ok=True)
