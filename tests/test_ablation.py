@@ -4,6 +4,7 @@ tests/test_ablation_studies.py."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from pipelines.studies.ablation_report import (
     format_results,
 )
 from vqcore.models import model_config
+from vqcore.quantizers.gvq import GVQConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "jobs" / "pvq_ablation.yaml"
@@ -42,7 +44,10 @@ def test_study_has_the_seed_variants_and_sizes():
     assert study.spec["reference"]["values"]["pvq"] == "35.12 / 36.01"
     q = {k: c.model.quantizer for k, c in study.configs.items()}
     assert q["vq"] == {"type": "vq", "codebook_size": 4096}
-    assert q["gvq"] == {"type": "gvq", "codebook_size": 4096}
+    # Gumbel's τ anneals to its floor 0.5 at 2/3 of the run at either scale (cpu: 1,500 steps)
+    assert q["gvq"] == {"type": "gvq", "codebook_size": 4096, "anneal_rate": 0.000693}
+    floor_at = study.configs["gvq"].train.steps * 2 / 3
+    assert math.exp(-0.000693 * floor_at) == pytest.approx(0.5, 1e-3)
     assert q["psvq"]["type"] == "pyramid" and q["psvq"]["inner"]["codebook_size"] == 8000
     assert q["rvq"]["inner"]["codebook_size"] == 8000
     for name in ("lfq", "rvq_lfq", "pvq"):
@@ -62,6 +67,9 @@ def test_study_has_the_seed_variants_and_sizes():
     model = seed_decoder.configs["pvq_seed_decoder"].model
     assert model.decoder_blocks == 3 and model.quantizer == q["pvq"]
     assert "pvq_seed_decoder" not in study.configs
+    gvq = load_study(STUDY, scale="gpu", variants=["gvq"]).configs["gvq"]  # 1e-5 over 10^5 steps
+    assert gvq.model.quantizer == {"type": "gvq", "codebook_size": 4096}
+    assert GVQConfig().anneal_rate == 1e-5 and gvq.train.steps == 100000
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
