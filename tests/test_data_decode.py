@@ -15,10 +15,12 @@ from pipelines.data import sampling as smp
 from pipelines.data.batches import DataConfig, batch_rng
 from pipelines.data.decode import (
     BadSample,
+    VideoFile,
     decode_image,
     decode_video,
     image_size,
     parse_meta,
+    probe_video,
     sniff,
 )
 from pipelines.data.demo_data import video_files
@@ -78,6 +80,22 @@ def test_pyav_seek_path_matches_sequential_decode():
     idx = [100, 103, 106, 200]  # late window: PyAV seeks to the keyframe before it
     got = decode_video(data, idx, size=(68, 160), backend="pyav")
     np.testing.assert_array_equal(got, _all_frames(data, (68, 160))[idx])
+
+
+@pytest.mark.parametrize("backend", ["pyav", "decord"])
+def test_one_open_probes_then_reads_what_two_opens_give(backend):
+    """`VideoFile`, the training path's probe-then-decode (one PyAV container for both; a
+    read at the source size without the decoder's scaling pass): its probe is
+    `probe_video`'s, and the window read after it, at the source size or another, is what
+    `decode_video` decodes from a fresh open."""
+    data = _bikes()
+    for idx, size in (([3, 4, 5], None), ([40, 41], (68, 160)), ([100, 103, 200], None)):
+        with VideoFile(data, backend) as video:
+            meta = video.probe()
+            frames = video.read(idx, size or (meta.height, meta.width))
+        assert (meta.frames, meta.height, meta.width, meta.fps) == (250, 272, 640, 25.0)
+        assert meta == probe_video(data)
+        np.testing.assert_array_equal(frames, decode_video(data, idx, size, backend=backend))
 
 
 def test_backends_agree_and_stream_end_is_reported():

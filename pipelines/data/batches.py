@@ -118,22 +118,24 @@ def decode_sample(
         raise dec.BadSample(reason, detail)
     ext, data = media_of(row)
     raw = row.get("json") if isinstance(row.get("json"), (bytes, str)) else None
-    kind = "image" if ext in dec.IMAGE_EXTS else "video"
-    meta, _ = dec.sample_meta(raw, kind, data, trust=cfg.trust_metadata)
     out_hw = (spec.height, spec.width)
     rng = None if cfg.center else rng
     if ext in dec.IMAGE_EXTS:  # a clip of one frame
-        src_hw = (meta.height, meta.width)
-        top, left, bh, bw = smp.crop_box(rng, src_hw, out_hw, cfg.crop_scale)
+        meta, _ = dec.sample_meta(raw, "image", data)
+        top, left, bh, bw = smp.crop_box(rng, (meta.height, meta.width), out_hw, cfg.crop_scale)
         frames = dec.decode_image(data, (round(top), round(left), round(bh), round(bw)), out_hw)
         out[0] = frames[0]
         return 1
-    idx = smp.frame_window(rng, meta.frames, spec.num_frames, cfg.frame_stride)
-    if len(idx) < cfg.min_frames:
-        raise dec.BadSample("too_short", f"{len(idx)} < min_frames={cfg.min_frames}")
-    box = smp.crop_box(rng, (meta.height, meta.width), out_hw, cfg.crop_scale)
-    dec_hw, ibox = smp.decode_plan((meta.height, meta.width), box, out_hw, cfg.max_decode_side)
-    frames = dec.decode_video(data, idx, size=dec_hw, backend=cfg.backend)
+    with dec.VideoFile(data, cfg.backend) as video:  # one open: probe, then the window
+        meta, _ = dec.sample_meta(raw, "video", data, cfg.trust_metadata, probe=video.probe)
+        idx = smp.frame_window(rng, meta.frames, spec.num_frames, cfg.frame_stride)
+        if len(idx) < cfg.min_frames:
+            raise dec.BadSample("too_short", f"{len(idx)} < min_frames={cfg.min_frames}")
+        box = smp.crop_box(rng, (meta.height, meta.width), out_hw, cfg.crop_scale)
+        dec_hw, ibox = smp.decode_plan(
+            (meta.height, meta.width), box, out_hw, cfg.max_decode_side
+        )
+        frames = video.read(idx, size=dec_hw)
     if len(frames) < cfg.min_frames:
         raise dec.BadSample("truncated", f"{len(frames)} of {len(idx)} frames decoded")
     return smp.crop_resize(frames, ibox, out_hw, out=out).shape[0]

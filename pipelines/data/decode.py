@@ -2,9 +2,11 @@
 
 `decode_video(data, indices, size=..., backend=...)` returns only the requested frames as a
 uint8 array `(T, H, W, 3)` (channel-last, as decoders produce it; `sampling` makes it
-channel-first). Backends: `"pyav"` (FFmpeg through PyAV, seeks for late windows) and
-`"decord"` (`VideoReader(io.BytesIO(data))` + `get_batch`). A decord failure falls back to
-PyAV before the sample counts as bad. `decode_image` uses PIL with a pixel-count guard.
+channel-first); `VideoFile` probes a video and then decodes a window of it, the training
+path's order (probe, draw the window, decode it), with one container open for PyAV. Backends:
+`"pyav"` (FFmpeg through PyAV, seeks for late windows) and `"decord"`
+(`VideoReader(io.BytesIO(data))` + `get_batch`). A decord failure falls back to PyAV
+before the sample counts as bad. `decode_image` uses PIL with a pixel-count guard.
 Every failure is a `BadSample(reason)` with `reason` in `REASONS`.
 """
 
@@ -14,7 +16,7 @@ import contextlib
 import io
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,39 +91,25 @@ def probe_video(data: bytes) -> Meta:
     """Frames, size and fps of a video from its container's stream info (PyAV: headers,
     no frame decoded): the frame count the container records, else duration × frame rate.
     Raises `BadSample` (the same size caps as metadata)."""
-    import av
-
-    if not data:
-        raise BadSample("empty")
-    if sniff(data) in ("png", "jpg", "webp"):
-        raise BadSample("not_video", "an image in a video slot")
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            stream = next(s for s in container.streams if s.type == "video")
-            height, width = stream.codec_context.height, stream.codec_context.width
-            rate = float(stream.average_rate or stream.guessed_rate or 0)
-            frames = int(stream.frames or 0)
-            if not frames and rate:
-                seconds = (float(stream.duration * stream.time_base) if stream.duration
-                           else (container.duration or 0) / 1e6)  # fmt: skip
-                frames = round(seconds * rate)
-    except StopIteration:
-        raise BadSample("not_video", "no video stream") from None
-    except Exception as e:  # noqa: BLE001 - FFmpeg raises many types for bad input
-        raise _classify_video_failure(data, e) from None
-    check_dims(height, width, frames)
-    return Meta(frames, height, width, rate, "probed")
+    with VideoFile(data, backend="pyav") as video:
+        return video.probe()
 
 
 def sample_meta(
-    raw_json: bytes | str | None, kind: str, data: bytes, trust: bool = False
+    raw_json: bytes | str | None,
+    kind: str,
+    data: bytes,
+    trust: bool = False,
+    probe: Callable[[], Meta] | None = None,
 ) -> tuple[Meta, str]:
     """(Meta, how): the sample's metadata checked against its media. WebDataset's convention
     is that a sample is its files and metadata is optional, so shards from other tools
     (img2dataset, video2dataset, a plain tar) read too. `how`: "json" (metadata present and
     agreeing with the media), "probed" (missing or incomplete: read from the media headers),
     "corrected" (present but contradicting the media: the media's values are used).
-    `trust`: a video's complete JSON is taken without reading its header ("json")."""
+    `trust`: a video's complete JSON is taken without reading its header ("json").
+    `probe`: how a video's stream info is read (default `probe_video(data)`; the training
+    path passes its open `VideoFile.probe`, so the container is parsed once)."""
     if trust and kind == "video":
         try:
             return parse_meta(raw_json), "json"
@@ -131,7 +119,7 @@ def sample_meta(
         height, width = image_size(data)
         probed = Meta(1, height, width, 0.0, "probed")
     else:
-        probed = probe_video(data)
+        probed = probe() if probe is not None else probe_video(data)
     try:
         meta = parse_meta(raw_json, default_frames=1 if kind == "image" else None)
     except BadSample:
@@ -179,51 +167,63 @@ def _classify_video_failure(data: bytes, err: Exception) -> BadSample:
     return BadSample("not_video", f"{kind} bytes: {type(err).__name__}"[:200])
 
 
-def _decode_pyav(data: bytes, indices: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
-    import av
+def _pyav_meta(container) -> Meta:
+    """Stream info of an open PyAV container (headers only)."""
+    stream = next(s for s in container.streams if s.type == "video")
+    height, width = stream.codec_context.height, stream.codec_context.width
+    rate = float(stream.average_rate or stream.guessed_rate or 0)
+    frames = int(stream.frames or 0)
+    if not frames and rate:
+        seconds = (float(stream.duration * stream.time_base) if stream.duration
+                   else (container.duration or 0) / 1e6)  # fmt: skip
+        frames = round(seconds * rate)
+    return Meta(frames, height, width, rate, "probed")
 
+
+def _pyav_frames(container, indices: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """Frames `indices` of an open PyAV container: seeks to the keyframe before a late
+    window (frames numbered by pts), else decodes from the start to the last one needed."""
     wanted = [int(i) for i in indices]
     wanted_set, last = set(wanted), max(wanted)
     kw = {} if size is None else {"height": int(size[0]), "width": int(size[1])}
     got: dict[int, np.ndarray] = {}
-    with av.open(io.BytesIO(data), mode="r") as container:
-        stream = container.streams.video[0]
-        h0, w0 = stream.codec_context.height, stream.codec_context.width  # 0: not in header
-        if h0 and w0:
-            check_dims(h0, w0)  # a stream declaring absurd frames fails before any is decoded
-        stream.codec_context.thread_count = 1  # one core per sample; Ray runs tasks in parallel
-        rate = float(stream.average_rate or stream.guessed_rate or 0)
-        tb = float(stream.time_base or 0)
-        start_pts = stream.start_time or 0
-        # Late window: seek to the keyframe before it and number frames by their pts.
-        if min(wanted) >= 48 and rate > 0 and tb > 0:
-            target = start_pts + int(min(wanted) / rate / tb)
-            container.seek(target, stream=stream, backward=True, any_frame=False)
-            for frame in container.decode(stream):
-                if frame.pts is None:
-                    break
-                idx = round((frame.pts - start_pts) * tb * rate)
-                if idx in wanted_set and idx not in got:
-                    got[idx] = frame.to_ndarray(format="rgb24", **kw)
-                if idx >= last:
-                    break
-            if len(got) == len(wanted_set):
-                return np.stack([got[i] for i in wanted])
-            got.clear()
-            container.seek(start_pts, stream=stream, backward=True, any_frame=False)
-        # Count frames from the start; stop at the last needed one.
-        for idx, frame in enumerate(container.decode(stream)):
-            if idx in wanted_set:
+    stream = container.streams.video[0]
+    h0, w0 = stream.codec_context.height, stream.codec_context.width  # 0: not in header
+    if h0 and w0:
+        check_dims(h0, w0)  # a stream declaring absurd frames fails before any is decoded
+    stream.codec_context.thread_count = 1  # one core per sample; Ray runs tasks in parallel
+    rate = float(stream.average_rate or stream.guessed_rate or 0)
+    tb = float(stream.time_base or 0)
+    start_pts = stream.start_time or 0
+    # Late window: seek to the keyframe before it and number frames by their pts.
+    if min(wanted) >= 48 and rate > 0 and tb > 0:
+        target = start_pts + int(min(wanted) / rate / tb)
+        container.seek(target, stream=stream, backward=True, any_frame=False)
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                break
+            idx = round((frame.pts - start_pts) * tb * rate)
+            if idx in wanted_set and idx not in got:
                 got[idx] = frame.to_ndarray(format="rgb24", **kw)
             if idx >= last:
                 break
+        if len(got) == len(wanted_set):
+            return np.stack([got[i] for i in wanted])
+        got.clear()
+        container.seek(start_pts, stream=stream, backward=True, any_frame=False)
+    # Count frames from the start; stop at the last needed one.
+    for idx, frame in enumerate(container.decode(stream)):
+        if idx in wanted_set:
+            got[idx] = frame.to_ndarray(format="rgb24", **kw)
+        if idx >= last:
+            break
     present = [i for i in wanted if i in got]
     if not present:
         raise ValueError("no frames decoded")
     return np.stack([got[i] for i in present])
 
 
-def _decode_decord(data: bytes, indices: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+def _decord_frames(data: bytes, indices: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     import decord
 
     h, w = size if size is not None else (-1, -1)
@@ -235,7 +235,92 @@ def _decode_decord(data: bytes, indices: np.ndarray, size: tuple[int, int] | Non
     return vr.get_batch(present).asnumpy()
 
 
-_DECODERS = {"pyav": _decode_pyav, "decord": _decode_decord}
+class VideoFile:
+    """A video's bytes, opened for the two things the data path asks of it in turn:
+    `probe()` (frames, size, fps from the container headers: PyAV, no frame decoded) and
+    `read(indices, size)` (those frames, resized by the decoder).
+
+    What it saves over `probe_video` + `decode_video` (BENCHMARKS.md "Data"): with PyAV the
+    probe's container is the one decoded (one open, not two); a read at the probed source
+    size asks the decoder for no resize (decord given an explicit width and height equal to
+    the source's still scales every frame: 12 % of a 256² window). decord has no header
+    call, so its probe is PyAV's. A decord failure falls back to PyAV before the sample
+    counts as bad; input that is not a known container goes to PyAV only (decord logs the
+    raw bytes of unreadable input). Every failure is a `BadSample`. A context manager."""
+
+    def __init__(self, data: bytes, backend: str = DEFAULT_BACKEND):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not data:
+            raise BadSample("empty")
+        kind = sniff(data)
+        if kind in ("png", "jpg", "webp"):
+            raise BadSample("not_video", f"{kind} image in a video slot")
+        self.data = data
+        self.backends = ["pyav"] if kind == "unknown" or backend == "pyav" else [backend, "pyav"]
+        self._container = None  # the PyAV container of the probe, kept for a PyAV read
+        self._meta: Meta | None = None
+
+    def __enter__(self) -> VideoFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+
+    def _pyav(self):
+        import av
+
+        if self._container is None:
+            self._container = av.open(io.BytesIO(self.data), mode="r")
+        return self._container
+
+    def probe(self) -> Meta:
+        """Frames, size and fps of the video stream; raises `BadSample` (size caps as
+        `check_dims`)."""
+        if self._meta is None:
+            try:
+                meta = _pyav_meta(self._pyav())
+            except StopIteration:
+                raise BadSample("not_video", "no video stream") from None
+            except Exception as e:  # noqa: BLE001 - FFmpeg raises many types for bad input
+                raise _classify_video_failure(self.data, e) from None
+            finally:
+                if self.backends[0] != "pyav":
+                    self.close()  # decord reads from its own reader
+            check_dims(meta.height, meta.width, meta.frames)
+            self._meta = meta
+        return self._meta
+
+    def read(self, indices, size: tuple[int, int] | None = None) -> np.ndarray:
+        """Frames `indices` (ascending) as uint8 `(n, H, W, 3)`, resized to `size=(H, W)`;
+        n < len(indices) when the stream ends early (the frames that exist, in order)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if self._meta is not None and size is not None and tuple(size) == (
+            self._meta.height, self._meta.width):  # fmt: skip
+            size = None  # the source size: no scaling pass
+        err: Exception = ValueError("no backend")
+        for name in self.backends:
+            try:
+                if name == "pyav":
+                    frames = _pyav_frames(self._pyav(), indices, size)
+                else:
+                    frames = _decord_frames(self.data, indices, size)
+            except BadSample:
+                raise
+            except Exception as e:  # noqa: BLE001 - any decoder failure is per-sample
+                err = e
+                self.close()  # a container that failed mid-decode is not reused
+                continue
+            if frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
+                err = ValueError(f"decoded shape {frames.shape}")
+                continue
+            return frames
+        raise _classify_video_failure(self.data, err)
 
 
 def decode_video(
@@ -249,31 +334,8 @@ def decode_video(
     Returns uint8 `(n, H, W, 3)`; n < len(indices) when the stream ends early (the frames
     that exist, in order). decord errors fall back to PyAV; raises `BadSample`.
     """
-    if backend not in _DECODERS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not data:
-        raise BadSample("empty")
-    kind = sniff(data)
-    if kind in ("png", "jpg", "webp"):
-        raise BadSample("not_video", f"{kind} image in a video slot")
-    indices = np.asarray(indices, dtype=np.int64)
-    order = [backend] + [b for b in ("pyav",) if b != backend]
-    if kind == "unknown":
-        order = ["pyav"]  # decord logs the raw bytes of unreadable input: keep it away
-    err: Exception = ValueError("no backend")
-    for name in order:
-        try:
-            frames = _DECODERS[name](data, indices, size)
-        except BadSample:
-            raise
-        except Exception as e:  # noqa: BLE001 - any decoder failure is per-sample
-            err = e
-            continue
-        if frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
-            err = ValueError(f"decoded shape {frames.shape}")
-            continue
-        return frames
-    raise _classify_video_failure(data, err)
+    with VideoFile(data, backend) as video:
+        return video.read(indices, size)
 
 
 @contextlib.contextmanager
