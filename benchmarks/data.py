@@ -212,6 +212,11 @@ def main() -> None:
     ap.add_argument("--backends", default="pyav,decord")
     ap.add_argument("--no-ray", action="store_true")
     ap.add_argument(
+        "--trust-metadata",
+        action="store_true",
+        help="DataConfig.trust_metadata: use the shards' JSON, no container-header probe",
+    )
+    ap.add_argument(
         "--train-steps", type=int, default=40, help="steps of the training case (0: skip it)"
     )
     args = ap.parse_args()
@@ -221,6 +226,7 @@ def main() -> None:
         "source": [args.frames, args.size, args.size],
         "shape": [3, args.window, train, train],
         "cpus": args.cpus,
+        "trust_metadata": args.trust_metadata,
         "git": _rev(),
     }
     backends = args.backends.split(",")
@@ -236,6 +242,7 @@ def main() -> None:
                 batch_size=args.batch_size,
                 crop_scale=(1.0, 1.0),
                 backend=backend,
+                trust_metadata=args.trust_metadata,
             )
 
         for backend in backends:

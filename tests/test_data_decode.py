@@ -84,10 +84,9 @@ def test_pyav_seek_path_matches_sequential_decode():
 
 @pytest.mark.parametrize("backend", ["pyav", "decord"])
 def test_one_open_probes_then_reads_what_two_opens_give(backend):
-    """`VideoFile`, the training path's probe-then-decode (one PyAV container for both; a
-    read at the source size without the decoder's scaling pass): its probe is
-    `probe_video`'s, and the window read after it, at the source size or another, is what
-    `decode_video` decodes from a fresh open."""
+    """`VideoFile`, the training path's probe-then-decode (one PyAV container for both):
+    its probe is `probe_video`'s, and the window read after it, at the source size or
+    another, is what `decode_video` decodes from a fresh open."""
     data = _bikes()
     for idx, size in (([3, 4, 5], None), ([40, 41], (68, 160)), ([100, 103, 200], None)):
         with VideoFile(data, backend) as video:

@@ -240,13 +240,13 @@ class VideoFile:
     `probe()` (frames, size, fps from the container headers: PyAV, no frame decoded) and
     `read(indices, size)` (those frames, resized by the decoder).
 
-    What it saves over `probe_video` + `decode_video` (BENCHMARKS.md "Data"): with PyAV the
-    probe's container is the one decoded (one open, not two); a read at the probed source
-    size asks the decoder for no resize (decord given an explicit width and height equal to
-    the source's still scales every frame: 12 % of a 256² window). decord has no header
-    call, so its probe is PyAV's. A decord failure falls back to PyAV before the sample
-    counts as bad; input that is not a known container goes to PyAV only (decord logs the
-    raw bytes of unreadable input). Every failure is a `BadSample`. A context manager."""
+    With PyAV the probe's container is the one decoded: one open, not two (8 % of a 256²
+    16-frame window's CPU; BENCHMARKS.md "Data"). decord has no header call, so its probe is
+    PyAV's (a probe by decoding decord's frame 0 saved 7 % at the source size but cost a
+    second full-size decode where the window is decoded smaller). A decord failure falls
+    back to PyAV before the sample counts as bad; input that is not a known container goes
+    to PyAV only (decord logs the raw bytes of unreadable input). Every failure is a
+    `BadSample`. A context manager."""
 
     def __init__(self, data: bytes, backend: str = DEFAULT_BACKEND):
         if backend not in BACKENDS:
@@ -300,9 +300,6 @@ class VideoFile:
         """Frames `indices` (ascending) as uint8 `(n, H, W, 3)`, resized to `size=(H, W)`;
         n < len(indices) when the stream ends early (the frames that exist, in order)."""
         indices = np.asarray(indices, dtype=np.int64)
-        if self._meta is not None and size is not None and tuple(size) == (
-            self._meta.height, self._meta.width):  # fmt: skip
-            size = None  # the source size: no scaling pass
         err: Exception = ValueError("no backend")
         for name in self.backends:
             try:
