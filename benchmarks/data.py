@@ -11,10 +11,11 @@ and delivers it at `--train-size`² (default `--size`).
                             with Ray Data's per-operator stats
     train_ray               the debug PVQ-VAE on the stream, 2 Ray Train workers: the share
                             of each step spent waiting for data (`--train-steps 0`: skipped)
-Prints one JSON object per case, then the ratios pipeline / raw for the same backend, by
-wall time (best pass; `steady`: after the first batch) and by CPU time (median; Ray's from
-`Dataset.stats()`, the tasks' own CPU). Run by hand: `python -m benchmarks.data`; not part
-of the tests. Figures and what limits them: BENCHMARKS.md "Data".
+Prints one JSON object per case, then the ratios pipeline / raw for the same backend: each
+pipeline pass follows a raw pass of the same clips, and a ratio is the median over the
+pairs (`paired`), by wall time and by CPU time (Ray's from `Dataset.stats()`, the tasks' own
+CPU); `steady`: a pass's rate after its first batch. Run by hand: `python -m
+benchmarks.data`; not part of the tests. Figures and what limits them: BENCHMARKS.md "Data".
 """
 
 from __future__ import annotations
@@ -103,17 +104,27 @@ def operator_stats(text: str) -> list[dict]:
     return ops
 
 
-def _timed(name: str, run_once, repeats: int, cpu_seconds=None) -> dict:
+def _timed(name: str, run_once, repeats: int, cpu_seconds=None, raw_once=None) -> dict:
     """Wall and CPU frames/s over `repeats` runs. Wall: best-of (the machine may be shared);
-    CPU (this process, or `cpu_seconds()` for work done elsewhere): median."""
-    wall, cpu, frames = [], [], 0
+    CPU (this process, or `cpu_seconds()` for work done elsewhere): median.
+
+    With `raw_once` (a raw-decode pass of the same clips, `raw_pass`), every run comes right
+    after a raw pass, and `ratio_to_raw` is the median over runs of (this run / the raw pass
+    just before it), by wall and by CPU: this machine's speed drifts by 10-25 % between the
+    phases of one benchmark, and a pair a few seconds apart cancels most of that."""
+    wall, cpu, raw_wall, raw_cpu, frames = [], [], [], [], 0
     for r in range(repeats):
+        if raw_once is not None:
+            t0, c0 = time.perf_counter(), time.process_time()
+            n = raw_once(r)
+            raw_wall.append(n / (time.perf_counter() - t0))
+            raw_cpu.append(n / max(time.process_time() - c0, 1e-9))
         t0, c0 = time.perf_counter(), time.process_time()
         frames = run_once(r)
         wall.append(frames / (time.perf_counter() - t0))
         spent = cpu_seconds() if cpu_seconds else time.process_time() - c0
         cpu.append(frames / max(spent, 1e-9))
-    return {
+    out = {
         "case": name,
         "frames_per_run": frames,
         "runs": repeats,
@@ -121,13 +132,19 @@ def _timed(name: str, run_once, repeats: int, cpu_seconds=None) -> dict:
         "median_frames_per_s": round(float(np.median(wall)), 1),
         "frames_per_cpu_s": round(float(np.median(cpu)), 1),
     }
+    if raw_once is not None:
+        out["paired_raw"] = {"frames_per_s": round(float(np.median(raw_wall)), 1),
+                             "frames_per_cpu_s": round(float(np.median(raw_cpu)), 1)}  # fmt: skip
+        out["ratio_to_raw"] = {
+            "frames_per_s": round(float(np.median(np.divide(wall, raw_wall))), 3),
+            "frames_per_cpu_s": round(float(np.median(np.divide(cpu, raw_cpu))), 3),
+        }
+    return out
 
 
-def raw_case(
-    backend: str, shards: list[str], frames: int, window: int, repeats: int, size=None
-) -> dict:
-    """Decode one random window per clip straight from the bytes (tar read not timed), at
-    the source size, or scaled by the decoder to `size` (H, W)."""
+def raw_pass(backend: str, shards: list[str], frames: int, window: int, size=None):
+    """One pass of raw decoding: one random window per clip straight from the bytes (tar
+    read not timed), at the source size, or scaled by the decoder to `size` (H, W)."""
     clips = [s["mp4"] for shard in shards for s in iter_tar_samples(shard)]
     rng = np.random.default_rng(1)
 
@@ -137,10 +154,18 @@ def raw_case(
             for d in clips
         )
 
+    return once
+
+
+def raw_case(
+    backend: str, shards: list[str], frames: int, window: int, repeats: int, size=None
+) -> dict:
+    """`raw_pass` timed alone."""
+    once = raw_pass(backend, shards, frames, window, size)
     return _timed(f"raw_{backend}" + ("_at_size" if size else ""), once, repeats)
 
 
-def pipeline_case(name: str, stream_fn, repeats: int, cpu_seconds=None) -> dict:
+def pipeline_case(name: str, stream_fn, repeats: int, cpu_seconds=None, raw_once=None) -> dict:
     """Real frames delivered by the pipeline per second (`num_frames` summed), and the
     median wait for the first batch of a pass (`first_batch_s`)."""
     firsts, steady = [], []
@@ -155,7 +180,7 @@ def pipeline_case(name: str, stream_fn, repeats: int, cpu_seconds=None) -> dict:
         steady.append((frames - first) / max(time.perf_counter() - t0 - firsts[-1], 1e-9))
         return frames
 
-    out = _timed(name, once, repeats, cpu_seconds)
+    out = _timed(name, once, repeats, cpu_seconds, raw_once)
     return {
         **out,
         "first_batch_s": round(float(np.median(firsts)), 3),
@@ -254,7 +279,10 @@ def main() -> None:
                     backend, shards, args.frames, args.window, args.repeats, (train, train)
                 )
             results[f"plain_{backend}"] = pipeline_case(
-                f"plain_{backend}", lambda r, b=backend: iter_batches(cfg(b), epoch=r), args.repeats
+                f"plain_{backend}",
+                lambda r, b=backend: iter_batches(cfg(b), epoch=r),
+                args.repeats,
+                raw_once=raw_pass(backend, shards, args.frames, args.window),
             )
         if not args.no_ray:
             import ray
@@ -280,6 +308,7 @@ def main() -> None:
                     lambda r, d=ds: BatchStream(d),
                     args.repeats,
                     cpu_seconds=lambda d=ds: ray_cpu_seconds(d),
+                    raw_once=raw_pass(backend, shards, args.frames, args.window),
                 )
                 results[f"ray_{backend}"]["operators"] = operator_stats(ds.stats())
                 ray.shutdown()
@@ -290,17 +319,17 @@ def main() -> None:
     ratios = {}
     for metric in ("frames_per_s", "frames_per_cpu_s"):
         for backend in backends:
-            raw = results[f"raw_{backend}"][metric]
-            for kind in ("plain", "ray"):
+            for kind in ("plain", "ray"):  # paired: each pass against the raw pass before it
                 if f"{kind}_{backend}" in results:
-                    ratio = results[f"{kind}_{backend}"][metric] / raw
-                    ratios[f"{kind}_{backend}/raw_{backend} ({metric})"] = round(ratio, 3)
+                    ratio = results[f"{kind}_{backend}"]["ratio_to_raw"][metric]
+                    ratios[f"{kind}_{backend}/raw_{backend} ({metric}, paired)"] = ratio
             if metric == "frames_per_s" and f"ray_{backend}" in results:
-                steady = results[f"ray_{backend}"]["steady_frames_per_s"] / raw
+                ray = results[f"ray_{backend}"]
+                steady = ray["steady_frames_per_s"] / ray["paired_raw"]["frames_per_s"]
                 ratios[f"ray_{backend}/raw_{backend} (steady_frames_per_s)"] = round(steady, 3)
                 cold = results[f"ray_{backend}_cold"]["frames_per_s"]
                 ratios[f"ray_{backend}_cold/ray_{backend} (frames_per_s)"] = round(
-                    cold / results[f"ray_{backend}"]["frames_per_s"], 3
+                    cold / ray["frames_per_s"], 3
                 )
         if "raw_pyav" in results and "raw_decord" in results:
             ratio = results["raw_pyav"][metric] / results["raw_decord"][metric]
