@@ -242,11 +242,11 @@ class VideoFile:
 
     With PyAV the probe's container is the one decoded: one open, not two (8 % of a 256²
     16-frame window's CPU; BENCHMARKS.md "Data"). decord has no header call, so its probe is
-    PyAV's (a probe by decoding decord's frame 0 saved 7 % at the source size but cost a
-    second full-size decode where the window is decoded smaller). A decord failure falls
-    back to PyAV before the sample counts as bad; input that is not a known container goes
-    to PyAV only (decord logs the raw bytes of unreadable input). Every failure is a
-    `BadSample`. A context manager."""
+    PyAV's (probing by decoding decord's frame 0 instead saved 7 % at the source size and
+    lost 17 % on sources 4× the training side, whose windows are decoded smaller). A decord
+    failure falls back to PyAV before the sample counts as bad; input that is not a known
+    container goes to PyAV only (decord logs the raw bytes of unreadable input). Every
+    failure is a `BadSample`. A context manager."""
 
     def __init__(self, data: bytes, backend: str = DEFAULT_BACKEND):
         if backend not in BACKENDS:
