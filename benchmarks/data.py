@@ -5,7 +5,7 @@ long, `--per-shard` to a shard). A case decodes one random `--window`-frame wind
 and delivers it at `--train-size`² (default `--size`).
     raw_<backend>           `decode.decode_video` at the source size, one process (1 core);
                             `_at_size`: scaled by the decoder (with `--train-size`)
-    plain_<backend>         `batches.iter_batches`: tar read + decode + crop + pad + stack
+    plain_<backend>         `stream.iter_batches`: tar read + decode + crop + pad + stack
     ray_<backend>           `ray_dataset.build_dataset` through `BatchStream` on a local Ray
                             (`--cpus`); cold = first pass (worker start), warm = later passes;
                             with Ray Data's per-operator stats
@@ -32,13 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.data.batches import DataConfig, iter_batches
+from pipelines.data.batches import DataConfig
 from pipelines.data.decode import decode_video
 from pipelines.data.demo_data import pan_zoom_frames, photos
 from pipelines.data.ray_dataset import build_dataset
 from pipelines.data.sampling import frame_window
 from pipelines.data.shards import ShardSink, encode_h264, make_key
-from pipelines.data.stream import BatchStream
+from pipelines.data.stream import BatchStream, iter_batches
 from pipelines.data.tars import iter_tar_samples
 
 

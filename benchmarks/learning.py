@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from benchmarks.common import device_name, emit, git_rev
-from pipelines.data.batches import DataConfig, iter_batches
+from pipelines.data.batches import DataConfig
 from pipelines.data.inputs import fold_frames, to_model_input
+from pipelines.data.stream import iter_batches
 from pipelines.inference.evaluate import EvalAccumulator
 from pipelines.training.loop import warmup_ema
 from pipelines.training.parallel import lr_lambda

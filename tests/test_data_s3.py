@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.data.batches import DataConfig, iter_batches
+from pipelines.data.batches import DataConfig
 from pipelines.data.ray_dataset import build_dataset
-from pipelines.data.stream import BatchStream
+from pipelines.data.stream import BatchStream, iter_batches
 from pipelines.data.tars import check_shards, list_shards
 
 BUCKET = "vqtok-shards"

@@ -7,9 +7,10 @@ import logging
 
 import pytest
 
-from pipelines.data.batches import DataConfig, iter_batches
+from pipelines.data.batches import DataConfig
 from pipelines.data.demo_data import make_demo_data
 from pipelines.data.ray_dataset import build_dataset
+from pipelines.data.stream import iter_batches
 
 
 @pytest.mark.ray

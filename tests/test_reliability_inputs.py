@@ -28,12 +28,12 @@ import pytest
 from PIL import Image
 
 from pipelines.cli import main as cli_main
-from pipelines.data.batches import DataConfig, iter_batches
+from pipelines.data.batches import DataConfig
 from pipelines.data.decode import BadSample, decode_video
 from pipelines.data.inspect import inspect_shards
 from pipelines.data.ray_dataset import build_dataset
 from pipelines.data.shards import encode_h264
-from pipelines.data.stream import BatchStream
+from pipelines.data.stream import BatchStream, iter_batches
 from pipelines.data.tars import check_shards
 
 MAX_MEMBER = 200_000  # bytes; the test's `max_member_bytes`

@@ -170,7 +170,7 @@ def test_detokenize_cli_writes_media(files, logged, tmp_path, capsys):
 
 
 def test_distributed_eval_equals_single_process(files, logged, ray_local):
-    from pipelines.data.batches import iter_batches
+    from pipelines.data.stream import iter_batches
     from pipelines.inference.eval_job import evaluate_sharded
     from pipelines.inference.evaluate import evaluate
 

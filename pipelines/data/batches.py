@@ -4,12 +4,16 @@ over it (the Ray Data pipeline over the same stage is `ray_dataset`).
 Stages: check shards (a file that is not a tar, a tar cut short or with broken keys is
 counted as `bad_shard` and left out, so it cannot stop the read) -> read samples in a
 seeded per-epoch file order -> per group of `batch_size` samples, draw one
-(resolution, frames) pair (`sampling.draw_spec`), decode only the needed frames at
-(near) the size the crop needs (`decode`, `sampling.decode_plan`), random-resized crop,
-truncate/zero-pad -> fixed-shape uint8 batches (images in batches of their own, T = 1).
-Batches reach the trainer as `stream.BatchStream` batches (the format is described there).
-Plain: `iter_batches(cfg)`; Ray: `ray_dataset.build_dataset(cfg)`. Both are deterministic
-for a given `seed` and `epoch` and give the same batches.
+(resolution, frames) pair (`sampling.draw_spec`), decode only the needed frames, scaled by
+the decoder so the random-resized crop is the output size (`decode`, `sampling.decode_plan`),
+crop, truncate/zero-pad -> fixed-shape uint8 batches (images in batches of their own, T = 1).
+Batches reach the trainer as `stream.BatchStream` batches (the format is described there);
+between a Ray task and the trainer a batch travels as one Ray Data row (`to_row`,
+`from_row`). This module and the ones it imports are numpy only (no torch): they run in the
+decode workers.
+Plain: `iter_raw_batches(cfg)` (as torch: `stream.iter_batches`); Ray:
+`ray_dataset.build_dataset(cfg)`. Both are deterministic for a given `seed` and `epoch` and
+give the same batches.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import numpy as np
 
 from pipelines.data import decode as dec
 from pipelines.data import sampling as smp
-from pipelines.data.stream import BatchStream
 from pipelines.data.tars import (
     MAX_MEMBER_BYTES,
     ShardCheck,
@@ -132,9 +135,7 @@ def decode_sample(
         if len(idx) < cfg.min_frames:
             raise dec.BadSample("too_short", f"{len(idx)} < min_frames={cfg.min_frames}")
         box = smp.crop_box(rng, (meta.height, meta.width), out_hw, cfg.crop_scale)
-        dec_hw, ibox = smp.decode_plan(
-            (meta.height, meta.width), box, out_hw, cfg.max_decode_side
-        )
+        dec_hw, ibox = smp.decode_plan((meta.height, meta.width), box, out_hw, cfg.max_decode_side)
         frames = video.read(idx, size=dec_hw)
     if len(frames) < cfg.min_frames:
         raise dec.BadSample("truncated", f"{len(frames)} of {len(idx)} frames decoded")
@@ -225,6 +226,39 @@ def _fill(work: list, spec: smp.BatchSpec, cfg: DataConfig, errors: list | None,
         yield finish(batch)
 
 
+# ---------------------------------------------------------------- batch <-> Ray row
+
+
+def to_row(b: dict | None, skipped: Counter | None = None) -> dict[str, np.ndarray]:
+    """One batch as one Ray Data row (columns of length 1): `video` as a tensor column (the
+    batch array with a leading axis of 1, no copy: Ray stores it as an Arrow tensor, not a
+    pickle), `num_frames` as an object, keys joined by newlines, one `skip_<reason>` count
+    per reason.
+    `b=None`: an empty batch, a row that only carries the counts `skipped`."""
+    nums = np.empty(1, object)
+    video = (b["video"] if b else np.zeros((0, 1, 1, 1, 3), np.uint8))[None]
+    nums[0] = np.asarray(b["num_frames"] if b else [], np.int32)
+    skipped = b["skipped"] if b else (skipped or Counter())
+    cols = {"video": video, "num_frames": nums,
+            "keys": np.array(["\n".join(b["keys"] if b else [])], object)}  # fmt: skip
+    for reason in dec.REASONS:
+        cols[f"skip_{reason}"] = np.array([skipped.get(reason, 0)], np.int64)
+    return cols
+
+
+def from_row(row: dict) -> dict:
+    """The batch of one row (`row[col]` = that row's value), inverse of `to_row`; `video`
+    only when the row carries it."""
+    keys = str(row["keys"])
+    out = {"num_frames": np.asarray(row["num_frames"], np.int32),
+           "keys": keys.split("\n") if keys else [],
+           "skipped": Counter({r: int(row[f"skip_{r}"]) for r in dec.REASONS
+                               if int(row[f"skip_{r}"])})}  # fmt: skip
+    if "video" in row:
+        out["video"] = np.asarray(row["video"])
+    return out
+
+
 # ---------------------------------------------------------------- plain iterator
 
 
@@ -290,8 +324,3 @@ def readable_shards(cfg: DataConfig, check: ShardCheck | None = None) -> ShardCh
     if not check.good:
         raise ValueError(f"no readable shards in {cfg.shards!r}: {check.bad}")
     return check
-
-
-def iter_batches(cfg: DataConfig, epoch: int | None = None) -> BatchStream:
-    """Training batches of one epoch without Ray, as torch tensors (see module doc)."""
-    return BatchStream(iter_raw_batches(cfg, epoch, readable_shards(cfg)))

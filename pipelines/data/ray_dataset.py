@@ -1,8 +1,8 @@
 """The Ray Data pipeline of training batches: `build_dataset(cfg)` -> a `ray.data.Dataset`
-whose rows are whole batches (`stream.to_row`), made by `batches.decode_group` in Ray tasks
+whose rows are whole batches (`batches.to_row`), made by `batches.decode_group` in Ray tasks
 from a tar datasource that reads members by `tars`' rules. Pass it to
 `TorchTrainer(datasets=...)` and read `stream.BatchStream(get_dataset_shard(name))` in the
-worker; for the same seed and epoch it gives the batches `batches.iter_batches` gives.
+worker; for the same seed and epoch it gives the batches `stream.iter_batches` gives.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pipelines.data.batches import (
     readable_shards,
     shard_counts,
     shuffle_seed,
+    to_row,
 )
-from pipelines.data.stream import to_row
 from pipelines.data.tars import ShardCheck, iter_tar_samples
 
 # ---------------------------------------------------------------- Ray Data

@@ -6,7 +6,7 @@ is drawn uniformly at every step, and clips are truncated or zero-padded to one 
 from the product of the configured sets per batch, so every batch has one fixed shape.
 
 Shapes: `out_hw = (H, W)`. Clips are built channel-last, uint8 `(T, H, W, 3)` as decoders
-give them, and batches become channel-first `(B, 3, T, H, W)` views (`channels_first`).
+give them, and batches become channel-first `(B, 3, T, H, W)` views (`stream.channels_first`).
 Resolutions are `(height, width)` pairs (the seed writes them as W×H).
 """
 
@@ -16,8 +16,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 # The seed's ten resolutions as (H, W): 256², 512², 768×512, 1024×512, 1024², 1024×2048,
 # 2048², 720p, 1080p, 4K (W×H in the paper).
@@ -116,21 +114,26 @@ def decode_plan(
 ) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
     """Decode size and the integer crop box in decoded pixels.
 
-    Frames are decoded (resized by the decoder) at the smallest scale that still gives the
-    crop at least the output size, never above the source size, and with the longer side
-    at most `max_decode_side`: decode memory stays near the output size.
+    Frames are decoded (scaled by the decoder, down or up) at the scale that makes the crop
+    the output size, so the crop is a plain slice and nothing is resized after the decoder
+    (no second resampling, and no torch in the decode workers); only where that scale would
+    make the longer side exceed `max_decode_side` is the frame decoded at that bound and
+    the crop resized after (`crop_resize`).
     """
     h0, w0 = src_hw
     top, left, bh, bw = box
-    f = min(1.0, max(out_hw[0] / bh, out_hw[1] / bw), max_decode_side / max(h0, w0))
+    f = min(max(out_hw[0] / bh, out_hw[1] / bw), max_decode_side / max(h0, w0))
     dh, dw = max(1, round(h0 * f)), max(1, round(w0 * f))
     sy, sx = dh / h0, dw / w0
-    t, lf = min(dh - 1, int(top * sy)), min(dw - 1, int(left * sx))
+    ch, cw = max(1, min(dh, round(bh * sy))), max(1, min(dw, round(bw * sx)))
+    near = abs(ch - out_hw[0]) <= 1 and abs(cw - out_hw[1]) <= 1
+    if near and dh >= out_hw[0] and dw >= out_hw[1]:
+        ch, cw = out_hw  # the box rounds to the output size: take exactly that slice
     return (dh, dw), (
-        t,
-        lf,
-        max(1, min(dh - t, round(bh * sy))),
-        max(1, min(dw - lf, round(bw * sx))),
+        max(0, min(dh - ch, round(top * sy))),
+        max(0, min(dw - cw, round(left * sx))),
+        ch,
+        cw,
     )
 
 
@@ -148,6 +151,9 @@ def crop_resize(
     top, left, h, w = box
     x = np.asarray(frames_thwc)[:, top : top + h, left : left + w]
     if (h, w) != tuple(out_hw):
+        import torch  # only here: decode workers slice decoder-sized frames (`decode_plan`)
+        import torch.nn.functional as F
+
         xt = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)  # channels-last
         x = F.interpolate(xt, size=tuple(out_hw), mode="bilinear", antialias=True)
         x = x.permute(0, 2, 3, 1).numpy()  # back to (t, H, W, 3), no copy
@@ -155,9 +161,3 @@ def crop_resize(
         return np.ascontiguousarray(x)
     out[: x.shape[0]] = x
     return out[: x.shape[0]]
-
-
-def channels_first(video_bthwc: np.ndarray) -> torch.Tensor:
-    """uint8 `(B, T, H, W, 3)` -> torch `(B, 3, T, H, W)` without a copy: a view in
-    `torch.channels_last_3d` memory format (`.contiguous()` makes it dense, e.g. on GPU)."""
-    return torch.from_numpy(video_bthwc).permute(0, 4, 1, 2, 3)

@@ -27,8 +27,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from pipelines.data.batches import DataConfig, decode_group
-from pipelines.data.stream import from_row, to_row
+from pipelines.data.batches import DataConfig, decode_group, from_row, to_row
 from pipelines.data.tars import iter_tar_samples
 
 TASKS = ("tokenize", "eval")
@@ -52,7 +51,7 @@ def unpack(data: bytes) -> dict[str, np.ndarray]:
 
 def _row(shard: str, b: dict | None, meta: dict, done: int = -1,
          skipped: Counter | None = None) -> dict:  # fmt: skip
-    """One output row: the batch's Ray row (`pipelines.data.stream.to_row`) with its
+    """One output row: the batch's Ray row (`pipelines.data.batches.to_row`) with its
     shard, each sample's metadata, and `done` >= 0 on a shard's last row (its number of
     decoded samples)."""
     keys = b["keys"] if b else []

@@ -39,7 +39,7 @@ def evaluate_sharded(loaded, shards: list[str], overrides: list[str] = (), actor
     actors (or this process, `actors=0`), merged here; media from the first batch."""
     import itertools
 
-    from pipelines.data.batches import iter_batches
+    from pipelines.data.stream import iter_batches
     from pipelines.data.tars import list_shards
     from pipelines.inference.batch_infer import infer, inference_data, plain_rows, unpack
 
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         init_ray()
         gpu = cluster_has_gpus() if args.gpu is None else args.gpu
     if actors == 0 and args.max_batches is not None:
-        from pipelines.data.batches import iter_batches
+        from pipelines.data.stream import iter_batches
         from pipelines.inference.batch_infer import inference_data
 
         cfg = inference_data(loaded, args.data, args.overrides)

@@ -103,7 +103,7 @@ class RunLog:
 
 def eval_stream(cfg: Config):
     """The validation batches: `train.eval_shards` (else the training shards), epoch 0."""
-    from pipelines.data.batches import iter_batches
+    from pipelines.data.stream import iter_batches
 
     shards = cfg.train.eval_shards or cfg.data.shards
     data = from_dict(type(cfg.data), {**cfg.to_dict()["data"], "shards": list(shards)}, "data")
@@ -142,7 +142,7 @@ class LocalSession(Session):
         self.run_dir = cfg.run.run_dir
 
     def batches(self, epoch: int):
-        from pipelines.data.batches import iter_batches
+        from pipelines.data.stream import iter_batches
 
         self._stream = iter_batches(self.cfg.data, epoch=self.cfg.data.epoch + epoch)
         return self._stream
