@@ -1,7 +1,8 @@
 """The consumer side of the data path: torch batches for the trainer, from the Ray Data
 pipeline (`ray_dataset`, rows made by `batches.to_row`) or the plain iterator
-(`iter_batches`). The only data module that imports torch: the decode stage and
-its Ray workers never do (1.3 CPU-s and ~470 MB less a worker).
+(`iter_batches`). The data modules that import torch are this one and `inputs` (batches to
+model input), both on the trainer's side: the decode stage and its Ray workers never do
+(1.3 CPU-s and ~470 MB less a worker).
 
 A batch (from `BatchStream`, for both paths) is a dict:
     video       torch.uint8 (B, 3, T, H, W)   B <= batch_size (memory rule, skipped samples);
