@@ -9,6 +9,8 @@ and delivers it at `--train-size`² (default `--size`).
     ray_<backend>           `ray_dataset.build_dataset` through `BatchStream` on a local Ray
                             (`--cpus`); cold = first pass (worker start), warm = later passes;
                             with Ray Data's per-operator stats
+    row_cost_<backend>      per batch, the CPU a Ray task adds to the decode stage: the
+                            Arrow block and the copy into the object store
     train_ray               the debug PVQ-VAE on the stream, 2 Ray Train workers: the share
                             of each step spent waiting for data (`--train-steps 0`: skipped)
 Prints one JSON object per case, then the ratios pipeline / raw for the same backend: each
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.data.batches import DataConfig
+from pipelines.data.batches import DataConfig, iter_raw_batches, to_row
 from pipelines.data.decode import decode_video
 from pipelines.data.demo_data import pan_zoom_frames, photos
 from pipelines.data.ray_dataset import build_dataset
@@ -189,6 +191,41 @@ def pipeline_case(name: str, stream_fn, repeats: int, cpu_seconds=None, raw_once
     }
 
 
+def row_cost_case(cfg, repeats: int) -> dict:
+    """What a Ray decode task does per batch beyond the plain path's decode stage, timed in
+    this process (CPU ms a batch, and as a share of the decode stage): the batch made an
+    Arrow block (`batches.to_row` + `BlockAccessor.batch_to_block`) and put into the object
+    store (`ray.put`: one copy of the batch). Needs a running Ray."""
+    import ray
+    from ray.data.block import BlockAccessor
+
+    decode = block_s = put_s = 0.0
+    n = 0
+    for r in range(repeats):
+        batches = iter_raw_batches(cfg, r)
+        while True:
+            c0 = time.process_time()
+            b = next(batches, None)
+            if b is None:
+                break
+            c1 = time.process_time()
+            block = BlockAccessor.batch_to_block(to_row(b))
+            c2 = time.process_time()
+            ray.put(block)
+            c3 = time.process_time()
+            decode, block_s, put_s = decode + c1 - c0, block_s + c2 - c1, put_s + c3 - c2
+            n += 1
+    return {
+        "case": f"row_cost_{cfg.backend}",
+        "batches": n,
+        "decode_ms": round(1e3 * decode / n, 2),
+        "to_block_ms": round(1e3 * block_s / n, 2),
+        "put_ms": round(1e3 * put_s / n, 2),
+        "to_block_share": round(block_s / decode, 3),
+        "put_share": round(put_s / decode, 3),
+    }
+
+
 def train_case(shards: list[str], tmp: str, args) -> dict:
     """The debug PVQ-VAE trained on the stream by 2 Ray Train workers (jobs/debug.yaml, 64²
     × 8-frame crops of the clips, batch 4): the share of the last log window's wall time the
@@ -311,6 +348,7 @@ def main() -> None:
                     raw_once=raw_pass(backend, shards, args.frames, args.window),
                 )
                 results[f"ray_{backend}"]["operators"] = operator_stats(ds.stats())
+                results[f"row_cost_{backend}"] = row_cost_case(cfg(backend), args.repeats)
                 ray.shutdown()
         if args.train_steps:
             results["train_ray"] = train_case(shards, tmp, args)
