@@ -9,6 +9,8 @@ and delivers it at `--train-size`² (default `--size`).
     ray_<backend>           `ray_dataset.build_dataset` through `BatchStream` on a local Ray
                             (`--cpus`); cold = first pass (worker start), warm = later passes;
                             with Ray Data's per-operator stats
+    probe_ab_<backend>      probe + decode with two opens vs `decode.VideoFile`'s one, per
+                            clip interleaved with raw decoding (shares of raw, CPU)
     row_cost_<backend>      per batch, the CPU a Ray task adds to the decode stage: the
                             Arrow block and the copy into the object store
     train_ray               the debug PVQ-VAE on the stream, 2 Ray Train workers: the share
@@ -191,6 +193,40 @@ def pipeline_case(name: str, stream_fn, repeats: int, cpu_seconds=None, raw_once
     }
 
 
+def probe_ab_case(backend: str, shards: list[str], frames: int, window: int, passes: int):
+    """The decode stage's probe + decode, interleaved per clip (each clip through each way in
+    turn, this process's CPU), as a share of raw decoding: `two_opens` (`probe_video`, then
+    `decode_video` from a new open, the path before `VideoFile`) and `one_open` (`VideoFile`:
+    probe, then read). Interleaving cancels the machine's drift between cases."""
+    from pipelines.data.decode import VideoFile, probe_video
+
+    clips = [s["mp4"] for shard in shards for s in iter_tar_samples(shard)]
+    rng = np.random.default_rng(1)
+    wins = [frame_window(rng, frames, window) for _ in clips]
+
+    def two_opens(d, w):
+        meta = probe_video(d)
+        return decode_video(d, w, (meta.height, meta.width), backend)
+
+    def one_open(d, w):
+        with VideoFile(d, backend) as video:
+            meta = video.probe()
+            return video.read(w, (meta.height, meta.width))
+
+    ways = {"raw": lambda d, w: decode_video(d, w, None, backend),
+            "two_opens": two_opens, "one_open": one_open}  # fmt: skip
+    cpu = dict.fromkeys(ways, 0.0)
+    for p in range(passes):
+        order = list(ways.items()) if p % 2 == 0 else list(ways.items())[::-1]
+        for d, w in zip(clips, wins):
+            for name, way in order:
+                c0 = time.process_time()
+                way(d, w)
+                cpu[name] += time.process_time() - c0
+    return {"case": f"probe_ab_{backend}", "clips": len(clips), "passes": passes,
+            **{f"{k}/raw (frames_per_cpu_s)": round(cpu["raw"] / v, 3) for k, v in cpu.items()}}  # fmt: skip
+
+
 def row_cost_case(cfg, repeats: int) -> dict:
     """What a Ray decode task does per batch beyond the plain path's decode stage, timed in
     this process (CPU ms a batch, and as a share of the decode stage): the batch made an
@@ -315,6 +351,9 @@ def main() -> None:
                 results[f"raw_{backend}_at_size"] = raw_case(
                     backend, shards, args.frames, args.window, args.repeats, (train, train)
                 )
+            results[f"probe_ab_{backend}"] = probe_ab_case(
+                backend, shards, args.frames, args.window, args.repeats + 1
+            )
             results[f"plain_{backend}"] = pipeline_case(
                 f"plain_{backend}",
                 lambda r, b=backend: iter_batches(cfg(b), epoch=r),
