@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.data.batches import DataConfig, iter_raw_batches, to_row
-from pipelines.data.decode import decode_video
+from pipelines.data.decode import VideoFile, decode_video, probe_video
 from pipelines.data.demo_data import pan_zoom_frames, photos
 from pipelines.data.ray_dataset import build_dataset
 from pipelines.data.sampling import frame_window
@@ -146,10 +146,15 @@ def _timed(name: str, run_once, repeats: int, cpu_seconds=None, raw_once=None) -
     return out
 
 
+def _clip_bytes(shards: list[str]) -> list[bytes]:
+    """Every clip's bytes, read once before timing (the tar read is not a raw case's cost)."""
+    return [s["mp4"] for shard in shards for s in iter_tar_samples(shard)]
+
+
 def raw_pass(backend: str, shards: list[str], frames: int, window: int, size=None):
     """One pass of raw decoding: one random window per clip straight from the bytes (tar
     read not timed), at the source size, or scaled by the decoder to `size` (H, W)."""
-    clips = [s["mp4"] for shard in shards for s in iter_tar_samples(shard)]
+    clips = _clip_bytes(shards)
     rng = np.random.default_rng(1)
 
     def once(_):
@@ -198,9 +203,7 @@ def probe_ab_case(backend: str, shards: list[str], frames: int, window: int, pas
     turn, this process's CPU), as a share of raw decoding: `two_opens` (`probe_video`, then
     `decode_video` from a new open, the path before `VideoFile`) and `one_open` (`VideoFile`:
     probe, then read). Interleaving cancels the machine's drift between cases."""
-    from pipelines.data.decode import VideoFile, probe_video
-
-    clips = [s["mp4"] for shard in shards for s in iter_tar_samples(shard)]
+    clips = _clip_bytes(shards)
     rng = np.random.default_rng(1)
     wins = [frame_window(rng, frames, window) for _ in clips]
 
