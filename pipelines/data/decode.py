@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipelines.data.mp4 import probe_mp4
+
 # The fixed set of skip reasons, counted by `data` and printed by `inspect`.
 REASONS = (
     "empty",  # zero bytes
@@ -241,9 +243,11 @@ class VideoFile:
     `read(indices, size)` (those frames, resized by the decoder).
 
     With PyAV the probe's container is the one decoded: one open, not two (8 % of a 256²
-    16-frame window's CPU; BENCHMARKS.md "Data"). decord has no header call, so its probe is
-    PyAV's (probing by decoding decord's frame 0 instead saved 7 % at the source size and
-    lost 17 % on sources 4× the training side, whose windows are decoded smaller). A decord
+    16-frame window's CPU; BENCHMARKS.md "Data"). decord has no header call: for an MP4 its
+    probe reads the `moov` box in Python (`pipelines.data.mp4`, microseconds), anything else
+    or anything that reader does not vouch for is PyAV's (probing by decoding decord's frame
+    0 instead saved 7 % at the source size and lost 17 % on sources 4× the training side,
+    whose windows are decoded smaller). A decord
     failure falls back to PyAV before the sample counts as bad; input that is not a known
     container goes to PyAV only (decord logs the raw bytes of unreadable input). Every
     failure is a `BadSample`. A context manager."""
@@ -256,7 +260,7 @@ class VideoFile:
         kind = sniff(data)
         if kind in ("png", "jpg", "webp"):
             raise BadSample("not_video", f"{kind} image in a video slot")
-        self.data = data
+        self.data, self.kind = data, kind
         self.backends = ["pyav"] if kind == "unknown" or backend == "pyav" else [backend, "pyav"]
         self._container = None  # the PyAV container of the probe, kept for a PyAV read
         self._meta: Meta | None = None
@@ -282,6 +286,10 @@ class VideoFile:
     def probe(self) -> Meta:
         """Frames, size and fps of the video stream; raises `BadSample` (size caps as
         `check_dims`)."""
+        if self._meta is None and self.backends[0] == "decord" and self.kind == "mp4":
+            if (found := probe_mp4(self.data)) is not None:
+                check_dims(*found[1:3], found[0])
+                self._meta = Meta(*found, "probed")
         if self._meta is None:
             try:
                 meta = _pyav_meta(self._pyav())
