@@ -109,6 +109,14 @@ def test_rvq_loss_is_the_sum_of_level_losses_in_z_units():
     rq_vae = sum(0.25 * (z - sum(parts[: i + 1])).square().mean() for i in range(3))
     torch.testing.assert_close(out.loss, rq_vae)
 
+    # level_loss_weights w_i: Σ_i w_i s_i² loss_i, the same codes and z_q
+    weighted = build({"type": "rvq_lfq", "dim": 4, "num_quantizers": 3,
+                      "level_loss_weights": [0.0, 0.5, 1.0]})  # fmt: skip
+    weighted.load_state_dict(q.state_dict())
+    got = weighted(z)
+    torch.testing.assert_close(got.loss, 0.5 * losses[1] + losses[2])
+    torch.testing.assert_close(got.z_q, q(z).z_q)
+
 
 @pytest.mark.parametrize(
     "spec",
@@ -267,6 +275,8 @@ def test_psvq_shared_codebook_over_scales():
         ({"type": "rvq", "inner": {"type": "vq", "dim": 3}}, "inner dim"),
         ({"type": "rvq", "inner": {"type": "vq", "codebook_sise": 3}}, "codebook_sise"),
         ({"type": "rvq", "quantize_dropout_min": 9}, "quantize_dropout_min"),
+        ({"type": "pyramid", "level_loss_weights": [0, 1]}, "level_loss_weights"),
+        ({"type": "rvq", "num_quantizers": 2, "level_loss_weights": [1, -1]}, "level_loss_weights"),
         ({"type": "rvq", "inner": {"type": "pq"}}, "one code per position"),
     ],
 )

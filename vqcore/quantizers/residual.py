@@ -33,7 +33,9 @@ L_commit = Σ_d ‖z - sg[Σ_{j<=d} q_j]‖²); weighting it by s_i² gives RQ-V
 entropy terms are weighted alike). Summed unweighted, the finest of three lfq levels pulled on
 the encoder 16 times harder than the coarsest and the debug PVQ-VAE did not learn at all
 (BENCHMARKS.md, "Learning": 11.5 dB, below each clip's mean colour, vs 14.5 without the
-losses).
+losses). `level_loss_weights` w_i scales level i's term (Σ_i w_i s_i² loss_i); [0, .., 0, 1]
+keeps the last level's alone, whose commitment is then the one on the full sum, ‖z - sg[ẑ]‖²
+(with identity projections).
 
 Usage: the composite's counter holds one row per level (G = L codebooks of the child's K
 codes), so children must emit one code per position (vq, gvq, lfq with d <= 20, fsq, ...).
@@ -76,6 +78,8 @@ class LevelsConfig(QuantizerConfig):
     # level i quantizes residual / scale_decay^i and scales back; None: `lfq_decay` for lfq
     # children (fixed ±1 codes), 1.0 otherwise (learned codebooks follow the residual's scale)
     scale_decay: float | None = None
+    # w_i on level i's own loss (commitment, entropy) in Σ_i w_i s_i² loss_i; None: all 1
+    level_loss_weights: list[float] | None = None
 
     @property
     def num_levels(self) -> int:  # pragma: no cover - abstract
@@ -103,6 +107,11 @@ class LevelsConfig(QuantizerConfig):
         self.child_config().validate()
         if self.scale_decay is not None and self.scale_decay <= 0:
             raise ValueError(f"{self.type}: scale_decay must be > 0, got {self.scale_decay}")
+        w = self.level_loss_weights
+        if w is not None and (len(w) != self.num_levels or min(w) < 0):
+            raise ValueError(
+                f"{self.type}: level_loss_weights must be {self.num_levels} numbers >= 0, got {w}"
+            )
 
 
 @dataclass
@@ -170,6 +179,8 @@ class ResidualQuantizer(Quantizer):
                 level.codebook, level.usage = codebook, codebook.usage
         self.usage = CodeUsage(first.usage.num_codes, config.num_levels)
         self.level_scales = [config.level_scale(i) for i in range(config.num_levels)]  # s_i
+        weights = config.level_loss_weights or [1.0] * config.num_levels
+        self.loss_weights = [w * s**2 for w, s in zip(weights, self.level_scales)]  # w_i s_i²
 
     @property
     def bits_per_token(self) -> float:
@@ -235,7 +246,7 @@ class ResidualQuantizer(Quantizer):
             q = self._fuse(i, self._up(i, self._scale(i, out.z_q), size))  # s_i Q_i(r_i / s_i)
             q_sum = q if q_sum is None else q_sum + q
             residual = residual - q.detach()  # r_{i+1} = r_i - q_i (Alg. 1)
-            loss = loss + out.loss * self.level_scales[i] ** 2  # in z's units (see "Loss")
+            loss = loss + out.loss * self.loss_weights[i]  # in z's units (see "Loss")
             codes.append(out.codes)
             metrics.update({f"level{i}/{k}": v for k, v in out.metrics.items()})
         hist = self._count(codes)
