@@ -39,8 +39,9 @@ def _pvqvae(flavour: str, **fields):
 
 def test_study_has_the_seed_variants_and_sizes():
     study = load_study(STUDY, scale="cpu")
-    assert list(study.configs) == ["vq", "gvq", "lfq", "rvq", "psvq", "rvq_lfq", "pvq"]
-    assert set(study.spec["reference"]["values"]) == set(study.configs)
+    seed_rows = ["vq", "gvq", "lfq", "rvq", "psvq", "rvq_lfq", "pvq"]  # Table 1's rows
+    assert list(study.configs) == [*seed_rows, "pvq_every_level"]
+    assert set(study.spec["reference"]["values"]) == set(seed_rows)
     assert study.spec["reference"]["values"]["pvq"] == "35.12 / 36.01"
     q = {k: c.model.quantizer for k, c in study.configs.items()}
     assert q["vq"] == {"type": "vq", "codebook_size": 4096}
@@ -50,9 +51,10 @@ def test_study_has_the_seed_variants_and_sizes():
     assert math.exp(-0.000693 * floor_at) == pytest.approx(0.5, 1e-3)
     assert q["psvq"]["type"] == "pyramid" and q["psvq"]["inner"]["codebook_size"] == 8000
     assert q["rvq"]["inner"]["codebook_size"] == 8000
-    for name in ("lfq", "rvq_lfq", "pvq"):
+    for name in ("lfq", "rvq_lfq", "pvq", "pvq_every_level"):
         spec = q[name].get("inner", q[name])
         assert spec == {"type": "lfq", "codebook_dim": 16, "entropy_weight": 0.02}
+    assert q["pvq_every_level"] == {**q["pvq"], "level_loss_weights": [1, 1, 1]}
     for name, cfg in study.configs.items():  # one folder per variant (and seed) under the study's
         assert cfg.run.run_dir == study.folder / name
         assert cfg.model == _pvqvae("debug", quantizer=cfg.model.quantizer)
@@ -254,6 +256,9 @@ def test_quantizer_labels():
     assert quantizer_label({"type": "looc", "codebook_size": 64, "codebook_dim": 4, "alpha": 2,
                             "grouping": "patch"}) == "looc K=64 d=4 α=2 patch"  # fmt: skip
     assert quantizer_label({"type": "hrvq", "codebook_size": 16, "num_layers": 3}) == "hrvq K=16 ×3"
+    assert quantizer_label({"type": "pyramid", "scales": [4, 2, 1], "level_loss_weights": [1, 1, 1],
+                            "inner": {"type": "lfq", "codebook_dim": 16}}) == \
+        "pyramid(lfq d=16) ×3 losses 1/1/1"  # fmt: skip
 
 
 def test_timings_take_the_fastest_call():

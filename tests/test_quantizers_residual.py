@@ -118,6 +118,24 @@ def test_rvq_loss_is_the_sum_of_level_losses_in_z_units():
     torch.testing.assert_close(got.z_q, q(z).z_q)
 
 
+def test_pyramid_of_lfq_keeps_the_finest_levels_loss_by_default():
+    """PVQ (lfq levels): the finest level's loss alone, β‖z - sg[ẑ]‖² without entropy terms;
+    PSVQ (vq levels) and an explicit `level_loss_weights` keep every level's."""
+    torch.manual_seed(0)
+    z = torch.randn(2, 4, 8, 8)
+    spec = {"type": "pyramid", "dim": 4, "projections": False,
+            "inner": {"type": "lfq", "entropy_weight": 0.0, "beta": 0.25}}  # fmt: skip
+    pvq = build(spec)
+    out = pvq(z)
+    torch.testing.assert_close(out.loss, 0.25 * (z - out.z_q).square().mean())
+    every = build({**spec, "level_loss_weights": [1, 1, 1]})
+    parts = _contributions(every, every(z).codes)
+    partial = sum(every.levels[i].quantize(every._down(i, z - sum(parts[:i], 0 * z))).loss
+                  for i in range(3))  # fmt: skip
+    torch.testing.assert_close(every(z).loss, partial)
+    assert build({"type": "pyramid", "dim": 4, "inner": {"type": "vq"}}).loss_weights == [1.0] * 3
+
+
 @pytest.mark.parametrize(
     "spec",
     [

@@ -77,7 +77,9 @@ def quantizer_label(spec: dict) -> str:
     if isinstance(spec.get("inner"), dict):
         parts[0] = f"{kind}({quantizer_label(spec['inner'])})"
     levels = spec.get("num_quantizers") or spec.get("num_layers") or len(spec.get("scales", ()))
-    return " ".join(parts) + (f" ×{levels}" if levels else "")
+    weights = spec.get("level_loss_weights")  # set by hand: the levels whose losses count
+    return (" ".join(parts) + (f" ×{levels}" if levels else "")
+            + (f" losses {'/'.join(f'{w:g}' for w in weights)}" if weights else ""))  # fmt: skip
 
 
 def variant_label(cfg: Any) -> str:

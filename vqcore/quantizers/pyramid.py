@@ -21,7 +21,17 @@ finer in resolution, not smaller in magnitude (VAR's Alg. 1 scales no level). Wi
 rvq_lfq default, the one full-resolution level of a 3-scale PVQ was worth a quarter of the
 coarsest and PVQ trailed single LFQ (BENCHMARKS.md "PVQ's level scaling").
 
-Everything else (child losses summed, straight-through ∂ẑ/∂z = I for straight-through
+Losses: with `lfq` levels only the finest level's own loss counts by default
+(`level_loss_weights` None -> [0, .., 0, 1]); its commitment is then β‖z - sg[ẑ]‖², the full
+sum's (identity projections). RQ-VAE (sec. 3.1) and VAR (FoundationVision/VAR, models/quant.py)
+commit z to the partial sum at every depth, which suits learned codebooks; with fixed ±1 codes
+a coarse level's commitment asks the finer levels' codes to average to 0 over each of its
+cells, spending their bits. In the debug PVQ-VAE's quantizer study this took PVQ from
+17.71 / 17.69 to 17.89 / 18.07 dB (seeds 0 / 1) and +0.5-0.7 dB at step 500 (BENCHMARKS.md
+"What else PVQ's levels need"). Learned codebooks (`vq`: PSVQ) keep every level's loss: its
+codebook term is what trains them.
+
+Everything else (child losses summed with their weights, straight-through ∂ẑ/∂z = I for straight-through
 children, per-scale usage rows, scale factors) is `ResidualQuantizer`'s, with P_k = up_k∘down_k
 the resampling in ẑ = ι + Σ_k (q_k - P_k ι).
 
@@ -53,6 +63,7 @@ class PyramidConfig(LevelsConfig):
     type: ClassVar[str] = "pyramid"
     default_inner: ClassVar[str] = "lfq"
     lfq_decay: ClassVar[float] = 1.0  # levels differ in resolution, not magnitude (see above)
+    lfq_last_loss_only: ClassVar[bool] = True  # lfq levels: the finest level's loss alone (above)
     inner: dict[str, Any] = field(default_factory=lambda: {"type": "lfq"})  # lfq: PVQ, vq: PSVQ
     scales: list[float] = field(default_factory=lambda: [4, 2, 1])  # factors, coarse to fine
     downsample_time: bool = False  # also pool T of (B, C, T, H, W) input by the factor

@@ -78,8 +78,10 @@ class LevelsConfig(QuantizerConfig):
     # level i quantizes residual / scale_decay^i and scales back; None: `lfq_decay` for lfq
     # children (fixed ±1 codes), 1.0 otherwise (learned codebooks follow the residual's scale)
     scale_decay: float | None = None
-    # w_i on level i's own loss (commitment, entropy) in Σ_i w_i s_i² loss_i; None: all 1
+    # w_i on level i's own loss (commitment, entropy) in Σ_i w_i s_i² loss_i; None: all 1,
+    # except the last level's alone for a pyramid of lfq levels (see `pyramid`)
     level_loss_weights: list[float] | None = None
+    lfq_last_loss_only: ClassVar[bool] = False  # the None default for lfq children
 
     @property
     def num_levels(self) -> int:  # pragma: no cover - abstract
@@ -93,6 +95,14 @@ class LevelsConfig(QuantizerConfig):
                 f"{self.type}: inner dim {spec['dim']} differs from dim {self.dim}; leave it out"
             )
         return make_config(spec)
+
+    def loss_weights(self) -> list[float]:
+        """w_i of every level: `level_loss_weights`, or its default."""
+        if self.level_loss_weights is not None:
+            return [float(w) for w in self.level_loss_weights]
+        if self.lfq_last_loss_only and self.child_config().type == "lfq":
+            return [0.0] * (self.num_levels - 1) + [1.0]
+        return [1.0] * self.num_levels
 
     def level_scale(self, i: int) -> float:
         decay = self.scale_decay
@@ -179,8 +189,7 @@ class ResidualQuantizer(Quantizer):
                 level.codebook, level.usage = codebook, codebook.usage
         self.usage = CodeUsage(first.usage.num_codes, config.num_levels)
         self.level_scales = [config.level_scale(i) for i in range(config.num_levels)]  # s_i
-        weights = config.level_loss_weights or [1.0] * config.num_levels
-        self.loss_weights = [w * s**2 for w, s in zip(weights, self.level_scales)]  # w_i s_i²
+        self.loss_weights = [w * s**2 for w, s in zip(config.loss_weights(), self.level_scales)]
 
     @property
     def bits_per_token(self) -> float:
