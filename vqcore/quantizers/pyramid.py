@@ -26,10 +26,10 @@ Losses: with `lfq` levels only the finest level's own loss counts by default
 sum's (identity projections). RQ-VAE (sec. 3.1) and VAR (FoundationVision/VAR, models/quant.py)
 commit z to the partial sum at every depth, which suits learned codebooks; with fixed ±1 codes
 a coarse level's commitment asks the finer levels' codes to average to 0 over each of its
-cells, spending their bits. In the debug PVQ-VAE's quantizer study this took PVQ from
-17.71 / 17.69 to 17.89 / 18.07 dB (seeds 0 / 1) and +0.5-0.7 dB at step 500 (BENCHMARKS.md
-"What else PVQ's levels need"). Learned codebooks (`vq`: PSVQ) keep every level's loss: its
-codebook term is what trains them.
+cells, spending their bits. In the debug PVQ-VAE's quantizer study (3 seeds) PVQ scored
+17.94 ± 0.11 against 17.81 ± 0.19 dB, ahead in the mean but inside the spread, and +0.5-0.7 dB
+in every seed at step 500; the demo 20.03 against 19.44 (BENCHMARKS.md "The levels' losses").
+Learned codebooks (`vq`: PSVQ) keep every level's loss: its codebook term is what trains them.
 
 Everything else (child losses summed with their weights, straight-through ∂ẑ/∂z = I for straight-through
 children, per-scale usage rows, scale factors) is `ResidualQuantizer`'s, with P_k = up_k∘down_k
