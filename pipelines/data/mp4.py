@@ -18,7 +18,7 @@ hence these few lines. Anything this reader does not vouch for — not ISO BMFF,
 (fragmented or cut files), a count of 0, an edit list that drops samples, a malformed box —
 gives `None`, and the caller asks FFmpeg (PyAV) as before, so a bad file still gets PyAV's
 classification. The values equal PyAV's `stream.frames`, `codec_context.height/width` and
-`average_rate` on H.264 MP4s (tests/test_data_decode.py).
+`average_rate` on H.264 MP4s (tests/test_data_mp4.py).
 """
 
 from __future__ import annotations
