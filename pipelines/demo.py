@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = fit(cfg, local=args.local)
     from pipelines.inference.evaluate import reference_table
 
-    show = ["eval/psnr", "eval/ssim", "eval/lpips", "eval/codebook_usage",
+    show = ["eval/psnr", "eval/ssim", "eval/lpips", "eval/chroma_kept", "eval/codebook_usage",
             "eval/codebook_perplexity", "eval/bits_per_token", "eval/compression_ratio",
             "train/recon_l1", "train/clips_per_s"]  # fmt: skip
     print("\nResults (EMA weights on the held-out demo shards):")

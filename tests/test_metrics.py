@@ -123,6 +123,27 @@ def test_merge_equals_one_accumulator():
         assert key in ref
 
 
+def test_colour_kept_and_chroma_error():
+    """A grey picture (each pixel's channel mean) keeps the luma and no colour: chroma_kept 0,
+    and its MSE is all chroma; the input itself keeps it all; half the chroma keeps a quarter
+    of its power. Hand-computed on scikit-image's astronaut (a colour photo)."""
+    x = _to_pm1(skimage.data.astronaut()[::8, ::8])
+    grey = x.mean(1, keepdim=True).expand_as(x)
+    half = grey + 0.5 * (x - grey)
+    chroma = x - grey
+    for x_hat, kept, chroma_mse in ((x, 1.0, 0.0), (grey, 0.0, chroma.square().mean().item()),
+                                    (half, 0.25, (0.5 * chroma).square().mean().item())):
+        m = ReconMetrics(cfg())
+        m.update(x_hat, x)
+        out = m.compute()
+        assert out["chroma_kept"] == pytest.approx(kept, abs=1e-6)
+        assert out["chroma_mse"] == pytest.approx(chroma_mse, abs=1e-7)
+        assert out["chroma_mse"] == pytest.approx(out["mse"], abs=1e-7)  # luma exact in all three
+    m = ReconMetrics(cfg())
+    m.update(torch.zeros(1, 1, 16, 16), torch.ones(1, 1, 16, 16))  # one channel: no colour
+    assert "chroma_kept" not in m.compute() and m.compute()["chroma_mse"] is None
+
+
 def test_compression_ratio_and_masked_frames():
     m = ReconMetrics(cfg())
     x = torch.zeros(1, 3, 4, 16, 16)

@@ -2,7 +2,7 @@
 
 Scores are per image (per frame for video), then averaged over all frames of the set: PSNR,
 SSIM (torchmetrics), LPIPS (only with real backbone weights), rFID (torchmetrics FID with
-local Inception weights), and codebook usage / perplexity / bits per token / compression ratio
+local Inception weights), the colour (`chroma_sums`: chroma MSE, saturation kept), and codebook usage / perplexity / bits per token / compression ratio
 from accumulated code counts. Inputs are (B, C, H, W) or (B, C, T, H, W), channel-first, in
 [data_min, data_min + data_range] = [-1, 1] by default (so the PSNR peak is 2).
 
@@ -81,6 +81,20 @@ def ssim(
 
 
 # --- codebook metrics ------------------------------------------------------------------------
+
+
+def chroma_sums(fa: torch.Tensor, fb: torch.Tensor) -> dict[str, float]:
+    """Colour of RGB frames (N, 3, H, W), reconstruction `fa` against input `fb`, as sums
+    over frames: `chroma_mse` = the MSE of chroma, each pixel's RGB minus its channel mean
+    (the grey axis removed: an orthogonal projection, so mse = luma part + chroma part), and
+    the chroma power (mean square) of each, whose ratio `compute` gives as `chroma_kept`:
+    1 keeps the input's colour saturation, 0 is a grey picture. PSNR alone hides a model
+    that has learned luma and not colour (BENCHMARKS.md "Colour")."""
+    ca = fa.float() - fa.float().mean(1, keepdim=True)
+    cb = fb.float() - fb.float().mean(1, keepdim=True)
+    per_frame = lambda v: v.square().mean(dim=(1, 2, 3)).double().sum().item()  # noqa: E731
+    return {"chroma_mse": per_frame(ca - cb), "chroma_power": per_frame(ca),
+            "chroma_power_in": per_frame(cb)}
 
 
 def code_histogram(codes: torch.Tensor | tuple[torch.Tensor, ...], num_codes: int) -> torch.Tensor:
@@ -280,6 +294,8 @@ class ReconMetrics:
             p = psnr(fa, fb, c.data_range, c.psnr_cap_db)
             sums["psnr"] = p.double().sum().item()
             sums["mse"] = (fa.float() - fb.float()).square().mean(dim=(1, 2, 3)).double().sum().item()
+            if fb.shape[1] == 3:
+                sums.update(chroma_sums(fa, fb))
             if c.ssim and min(fa.shape[-2:]) >= SSIM_MIN_SIZE:
                 sums["ssim"], sums["ssim_frames"] = self._ssim_sum(fa, fb).item(), n
             if self.perceptual is not None:  # LPIPS takes [-1, 1]
@@ -358,7 +374,8 @@ class ReconMetrics:
     # -- results
     def compute(self) -> dict[str, float | None]:
         """Set-level metrics; `None` where unavailable (reason in `self.unavailable`).
-        Keys: psnr, mse, ssim, lpips (+ "/<H>x<W>", "/t<T>" breakdowns), frames, samples,
+        Keys: psnr, mse, ssim, lpips, chroma_mse, chroma_kept (RGB; `chroma_sums`) (+ "/<H>x<W>",
+        "/t<T>" breakdowns), frames, samples,
         rfid, codebook_usage, codebook_perplexity, codebook_entropy_bits, bits_per_token,
         compression_ratio."""
         s, out = self._state, {}
@@ -367,9 +384,12 @@ class ReconMetrics:
             suffix = "" if g == "all" else f"/{g}"
             n = s.get(f"{g}/frames", torch.zeros(())).item()
             for name, count in (("psnr", "frames"), ("mse", "frames"), ("ssim", "ssim_frames"),
-                                ("lpips", "lpips_frames")):
+                                ("lpips", "lpips_frames"), ("chroma_mse", "frames")):
                 total, cnt = s.get(f"{g}/{name}"), s.get(f"{g}/{count}")
                 out[name + suffix] = None if total is None or not cnt else (total / cnt).item()
+            power, power_in = s.get(f"{g}/chroma_power"), s.get(f"{g}/chroma_power_in")
+            if power is not None and power_in > 0:
+                out["chroma_kept" + suffix] = (power / power_in).item()
             out["frames" + suffix] = n
             out["samples" + suffix] = s.get(f"{g}/samples", torch.zeros(())).item()
         out["rfid"] = None
