@@ -14,7 +14,7 @@ at a rate near PVQ's, and unquantized: `pvqvae_trunk`), the image tokenizers, HF
 reference a trunk must be near.
 
 The recipe is the trainer's core without the GAN: Adam (betas 0.9, 0.95), linear
-warm-up then linear decay, gradients clipped at norm 1, L1 + the quantizer's loss, no loss on padding (the data
+warm-up then linear decay, gradients clipped at norm 1, L1 (`--recon l2`: L2) + the quantizer's loss, no loss on padding (the data
 path gives images their own T = 1 batches). HFSVQ follows its seed's Algorithm 1: both
 halves step on the same batch, F_L first. The curve scores the trainer's warmed-up EMA of the weights
 (`pipelines.training.loop.warmup_ema`) on the val clips' first `val_frames` frames (centred crops;
@@ -39,6 +39,7 @@ from pipelines.data.stream import iter_batches
 from pipelines.inference.evaluate import EvalAccumulator
 from pipelines.training.loop import warmup_ema
 from pipelines.training.parallel import lr_lambda
+from vqcore.losses import reconstruction_loss
 from vqcore.metrics import MetricsConfig
 from vqcore.models import build_model
 from vqcore.models.blocks import Decoder, Encoder, stage_strides
@@ -121,16 +122,18 @@ class Budget:
     # on 4-frame windows; see BENCHMARKS.md "Learning" for what longer windows do)
     ema_decay: float = 0.99
     seed: int = 0
+    recon: str = "l1"  # or "l2": L1 alone leaves the PVQ-VAE grey for long (BENCHMARKS.md "Colour")
 
 
 def _schedule(opt: torch.optim.Optimizer, b: Budget) -> torch.optim.lr_scheduler.LRScheduler:
     return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(b.warmup, b.steps))  # the trainer's
 
 
-def _step_fns(model: nn.Module, lr: float):
+def _step_fns(model: nn.Module, lr: float, recon: str = "l1"):
     """[(optimiser, loss_fn(x))]: one pair, or one per part of a model whose step updates
-    its parts in turn (`step_parts`: HFSVQ's two halves, seed 000, Algorithm 1). Adam with
-    the trainer's defaults (`OptimConfig`: betas (0.9, 0.95))."""
+    its parts in turn (`step_parts`: HFSVQ's two halves, seed 000, Algorithm 1, each with its
+    own loss; `recon` is the others' reconstruction term). Adam with the trainer's defaults
+    (`OptimConfig`: betas (0.9, 0.95))."""
     adam = lambda params: torch.optim.Adam(params, lr, betas=(0.9, 0.95))  # noqa: E731
     if model.config.step_parts:
         return [(adam(model.part_parameters(p)), lambda x, p=p: model.part_loss(p, x).loss)
@@ -138,7 +141,7 @@ def _step_fns(model: nn.Module, lr: float):
 
     def loss(x: torch.Tensor) -> torch.Tensor:
         x_hat, q = model(x)
-        return (x_hat - x).abs().mean() + q.loss
+        return reconstruction_loss(x_hat, x, recon) + q.loss
 
     return [(adam(model.parameters()), loss)]
 
@@ -164,7 +167,7 @@ def train(spec: dict[str, Any], folder: Path, b: Budget, video: bool) -> dict[st
     """Train `spec`'s model on `folder`'s train shards; the curve on its val shards."""
     torch.manual_seed(b.seed)
     model = build(spec)
-    steps = [(opt, fn, _schedule(opt, b)) for opt, fn in _step_fns(model, b.lr)]
+    steps = [(opt, fn, _schedule(opt, b)) for opt, fn in _step_fns(model, b.lr, b.recon)]
     ema = warmup_ema(model, b.ema_decay)  # evaluated, as the trainer evaluates its EMA
     val = [v for v in iter_batches(data(folder, "val", b, center=True)) if len(v["keys"])]
     curve, step, epoch, t0 = [], 0, 0, time.perf_counter()
@@ -198,7 +201,8 @@ def train(spec: dict[str, Any], folder: Path, b: Budget, video: bool) -> dict[st
     return {"curve": curve, **out, "train_s": round(time.perf_counter() - t0, 1)}
 
 
-KEEP = {"psnr", "ssim", "compression_ratio", "bits_per_token", "codebook_usage", "beats_rate"}
+KEEP = {"psnr", "ssim", "chroma_kept", "compression_ratio", "bits_per_token", "codebook_usage",
+        "beats_rate"}
 
 
 def main(argv: list[str] | None = None) -> None:
