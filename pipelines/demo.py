@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     show = ["eval/psnr", "eval/ssim", "eval/lpips", "eval/chroma_kept", "eval/codebook_usage",
             "eval/codebook_perplexity", "eval/bits_per_token", "eval/compression_ratio",
-            "train/recon_l1", "train/clips_per_s"]  # fmt: skip
+            f"train/recon_{cfg.loss.recon}", "train/clips_per_s"]  # fmt: skip
     print("\nResults (EMA weights on the held-out demo shards):")
     for key in show:
         if key in metrics and metrics[key] is not None:
