@@ -135,9 +135,10 @@ def _step_fns(model: nn.Module, lr: float, recon: str = "l1"):
     own loss; `recon` is the others' reconstruction term). Adam with the trainer's defaults
     (`OptimConfig`: betas (0.9, 0.95))."""
     adam = lambda params: torch.optim.Adam(params, lr, betas=(0.9, 0.95))  # noqa: E731
-    if model.config.step_parts:
+    parts = getattr(getattr(model, "config", None), "step_parts", ())  # ConvAE has no config
+    if parts:
         return [(adam(model.part_parameters(p)), lambda x, p=p: model.part_loss(p, x).loss)
-                for p in model.config.step_parts]  # fmt: skip
+                for p in parts]  # fmt: skip
 
     def loss(x: torch.Tensor) -> torch.Tensor:
         x_hat, q = model(x)

@@ -35,3 +35,20 @@ def test_family_learns_well_above_the_mean_colour(demo_data, family):
     result = train(spec, demo_data, BUDGET, video=spec["type"] in VIDEO)
     floor = result["reference_mean_colour_psnr"] + MARGINS[family]
     assert result["psnr"] >= floor, (family, result["curve"], result["psnr"], floor)
+
+
+def test_the_conv_ae_reference_takes_a_step():
+    """The plain conv autoencoder (the reference a trunk must be near) has no model config;
+    its step functions once read `model.config` and crashed."""
+    import torch
+
+    from benchmarks.learning import _step_fns, build
+
+    model = build(FAMILIES["conv_ae"])
+    [(opt, loss_fn)] = _step_fns(model, 1e-3, "l2")
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = loss_fn(torch.rand(2, 3, 2, 16, 16) * 2 - 1)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
