@@ -227,6 +227,12 @@ def test_results_page_and_section_on_fixed_numbers():
     text = format_results(result)
     assert "| a | q-a | 31.00 ± 1.00 |" in text and "| a > b | PSNR dB ↑ |" in text
     assert "| a seed=1 | 31.00 | 10 | ok |" in text  # every run, behind the spread
+    assert "colour kept" not in text  # no run logged it
+    # colour kept is shown after PSNR (and SSIM) wherever a run logged it, listed or not
+    logged = [{**r, "metrics": {**r["metrics"], "eval/chroma_kept": 0.25}} for r in RUNS[:6]]
+    coloured = format_results({**result, "runs": logged, "summary": aggregate(logged)})
+    assert "| variant | quantizer | PSNR dB | colour kept |" in coloured
+    assert "| a seed=1 | 31.00 | 0.25 | 10 | ok |" in coloured
     assert "- command: `vqtok ablate x.yaml`" in text and "train 18 sources, 208 samples" in text
     study = {"title": "T", "source": "seed 9, Tab. 1", "claim": "a beats b.",
              "orderings": [["a", "b", "eval/psnr", True], ["a", "b", "eval/mse", False]],

@@ -30,6 +30,7 @@ from typing import Any
 METRICS: dict[str, tuple[str, str]] = {
     "eval/psnr": ("PSNR dB", "{:.2f}"),
     "eval/ssim": ("SSIM", "{:.4f}"),
+    "eval/chroma_kept": ("colour kept", "{:.2f}"),  # output chroma power / input's (metrics.py)
     "eval/lpips": ("LPIPS", "{:.4f}"),
     "eval/mse": ("MSE", "{:.5f}"),
     "eval/hf_mse": ("HF-band MSE", "{:.6f}"),
@@ -59,6 +60,16 @@ RATE_COLUMNS = ("eval/bits_per_pixel", "eval/compression_ratio", "eval/reference
                 "eval/beats_rate")  # fmt: skip
 DEFAULT_COLUMNS = ("eval/psnr", "eval/ssim", "eval/lpips", "eval/quantizer_usage",
                    "eval/bits_per_token")  # fmt: skip
+# shown after SSIM wherever a run logged them, whatever the study lists: a grey model's PSNR
+# alone hides that it returns no colour (BENCHMARKS.md, "Colour")
+LOGGED_COLUMNS = ("eval/chroma_kept",)
+
+
+def shown_columns(columns) -> list[str]:
+    """A study's columns with `LOGGED_COLUMNS` after SSIM (or PSNR, or first)."""
+    out = [k for k in columns if k not in LOGGED_COLUMNS]
+    at = next((out.index(k) + 1 for k in ("eval/ssim", "eval/psnr") if k in out), 0)
+    return out[:at] + list(LOGGED_COLUMNS) + out[at:]
 
 
 def quantizer_label(spec: dict) -> str:
@@ -238,8 +249,8 @@ def format_runs(runs: list[dict], columns=DEFAULT_COLUMNS) -> str:
 def format_results(result: dict) -> str:
     """A study's results.md (also its section body in docs/RESULTS.md): the table, the
     orderings with verdicts, the run details, the data sizes, device and command."""
-    parts = [format_table(result["summary"], result.get("columns", DEFAULT_COLUMNS),
-                          result.get("reference"))]  # fmt: skip
+    columns = shown_columns(result.get("columns", DEFAULT_COLUMNS))
+    parts = [format_table(result["summary"], columns, result.get("reference"))]
     if result.get("orderings"):
         parts += ["\nThe paper's orderings (reproduced = every seed of the better variant beats "
                   "every seed of the worse one; `inconclusive` with one seed):\n\n",
@@ -252,7 +263,7 @@ def format_results(result: dict) -> str:
                      f"`{Path(row['run']).name}`): {scores}.\n")  # fmt: skip
     if any(r.get("seed") is not None for r in result.get("runs", [])):
         parts += ["\n<details><summary>every run</summary>\n\n",
-                  format_runs(result["runs"], result.get("columns", DEFAULT_COLUMNS)),
+                  format_runs(result["runs"], columns),
                   "\n</details>\n"]  # fmt: skip
     meta = [("scale", result.get("scale")), ("seeds", result.get("seeds")),
             ("device", result.get("device")), ("command", result.get("command")),
