@@ -21,6 +21,7 @@ from pipelines.data.decode import (
     image_size,
     parse_meta,
     probe_video,
+    rgb_converter,
     sniff,
 )
 from pipelines.data.demo_data import video_files
@@ -74,6 +75,17 @@ def test_decode_at_size_equals_decode_then_resize(backend):
     # and the crop starts on a whole decoded pixel, up to half an output pixel from the box
     mse = ((at_size.astype(float) - ref) ** 2).mean()
     assert 10 * np.log10(255**2 / mse) >= 30
+
+
+@pytest.mark.parametrize("size", [None, (68, 160), (300, 500)])
+def test_rgb_converter_gives_to_ndarray_pixels(size):
+    """One scaler context and one thread for a clip's frames (a context and a thread pool per
+    frame in `to_ndarray`): the same pixels, at the source size, smaller and larger."""
+    kw = {} if size is None else {"height": size[0], "width": size[1]}
+    to_rgb = rgb_converter(size)
+    with av.open(io.BytesIO(_bikes())) as c:
+        for _, frame in zip(range(12), c.decode(video=0)):
+            np.testing.assert_array_equal(to_rgb(frame), frame.to_ndarray(format="rgb24", **kw))
 
 
 def test_pyav_seek_path_matches_sequential_decode():

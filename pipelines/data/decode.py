@@ -182,12 +182,24 @@ def _pyav_meta(container) -> Meta:
     return Meta(frames, height, width, rate, "probed")
 
 
+def rgb_converter(size: tuple[int, int] | None = None) -> Callable[..., np.ndarray]:
+    """PyAV frame -> uint8 `(H, W, 3)` RGB, resized to `size=(H, W)`, through one scaler
+    context and one thread for every frame it converts. `frame.to_ndarray(format="rgb24")`
+    builds a context per frame and, since PyAV 17, threads it for every core (`threads=0`):
+    on 128² frames that cost twice the decode itself (BENCHMARKS.md "Data"). Same pixels."""
+    from av.video.reformatter import VideoReformatter
+
+    reformatter = VideoReformatter()
+    kw = {} if size is None else {"height": int(size[0]), "width": int(size[1])}
+    return lambda frame: reformatter.reformat(frame, format="rgb24", threads=1, **kw).to_ndarray()
+
+
 def _pyav_frames(container, indices: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     """Frames `indices` of an open PyAV container: seeks to the keyframe before a late
     window (frames numbered by pts), else decodes from the start to the last one needed."""
     wanted = [int(i) for i in indices]
     wanted_set, last = set(wanted), max(wanted)
-    kw = {} if size is None else {"height": int(size[0]), "width": int(size[1])}
+    to_rgb = rgb_converter(size)
     got: dict[int, np.ndarray] = {}
     stream = container.streams.video[0]
     h0, w0 = stream.codec_context.height, stream.codec_context.width  # 0: not in header
@@ -206,7 +218,7 @@ def _pyav_frames(container, indices: np.ndarray, size: tuple[int, int] | None) -
                 break
             idx = round((frame.pts - start_pts) * tb * rate)
             if idx in wanted_set and idx not in got:
-                got[idx] = frame.to_ndarray(format="rgb24", **kw)
+                got[idx] = to_rgb(frame)
             if idx >= last:
                 break
         if len(got) == len(wanted_set):
@@ -216,7 +228,7 @@ def _pyav_frames(container, indices: np.ndarray, size: tuple[int, int] | None) -
     # Count frames from the start; stop at the last needed one.
     for idx, frame in enumerate(container.decode(stream)):
         if idx in wanted_set:
-            got[idx] = frame.to_ndarray(format="rgb24", **kw)
+            got[idx] = to_rgb(frame)
         if idx >= last:
             break
     present = [i for i in wanted if i in got]

@@ -29,7 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.data.decode import BadSample, decode_image, decode_video, image_size, sniff
+from pipelines.data.decode import (
+    BadSample,
+    decode_image,
+    decode_video,
+    image_size,
+    rgb_converter,
+    sniff,
+)
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".gif", ".mov")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -135,7 +142,8 @@ def _clips(path: Path, clip_seconds: float | None, crf: int) -> Iterator[tuple[b
         s = c.streams.video[0]
         fps = float(s.average_rate or s.guessed_rate or 0) or 25.0
         per = max(1, int(clip_seconds * fps)) if clip_seconds else None
-        frames = (f.to_ndarray(format="rgb24") for f in c.decode(s))
+        to_rgb = rgb_converter()
+        frames = (to_rgb(f) for f in c.decode(s))
         for index in itertools.count():
             first = next(frames, None)
             if first is None:
