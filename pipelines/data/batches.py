@@ -51,7 +51,7 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.8, 1.0)  # area fraction of the random-resized crop
     max_decode_side: int = 4096  # frames are never decoded larger than this
     max_member_bytes: int = MAX_MEMBER_BYTES  # a larger tar member is skipped unread: too_large
-    backend: str = dec.DEFAULT_BACKEND  # "decord" or "pyav" (decord falls back to PyAV)
+    backend: str = dec.DEFAULT_BACKEND  # "pyav" or "decord" (decord falls back to PyAV)
     # False: every video's container header is read and wins over its JSON (`decode.sample_meta`;
     # a header read costs about as much as decoding 4 frames at 32²). True: a complete JSON is
     # used as is (shards `vqtok shards` wrote); missing metadata is probed either way

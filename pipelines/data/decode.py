@@ -41,9 +41,11 @@ REASONS = (
     "decode_error",  # anything else raised while decoding one sample
 )
 BACKENDS = ("pyav", "decord")
-# decord decoded random 16-frame windows of 256² H.264 at ~1.4x PyAV's frames per CPU-second
-# here (benchmarks/data.py), so it is the default; PyAV stays behind it as the fallback.
-DEFAULT_BACKEND = "decord"
+# PyAV, converting through one scaler context a clip (`rgb_converter`), decodes random 16-frame
+# windows of 256² H.264 at 1.5x decord's frames/s and 1.7x its frames per CPU-second here, and
+# as fast on sources 4x the training side (benchmarks/data.py; BENCHMARKS.md "Data"). decord
+# (its MP4 header read in Python, PyAV behind it as the fallback) stays selectable.
+DEFAULT_BACKEND = "pyav"
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "gif", "mov")
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 MAX_SIDE = 16384  # larger width/height is "absurd"
