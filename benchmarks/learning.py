@@ -13,12 +13,12 @@ at a rate near PVQ's, and unquantized: `pvqvae_trunk`), the image tokenizers, HF
 `conv_ae`: a plain per-frame conv autoencoder of the PVQ-VAE's width, unquantized, the
 reference a trunk must be near.
 
-The recipe is the trainer's core without the GAN: Adam (betas 0.9, 0.95), linear
-warm-up then linear decay, gradients clipped at norm 1, L1 (`--recon l2`: L2) + the
-quantizer's loss, no loss on padding (the data path gives images their own T = 1 batches). HFSVQ follows its seed's Algorithm 1: both
-halves step on the same batch, F_L first. The curve scores the trainer's warmed-up EMA of the weights
-(`pipelines.training.loop.warmup_ema`) on the val clips' first `val_frames` frames (centred crops;
-by default as many as a training clip has).
+The recipe is the trainer's core without the GAN: Adam (betas 0.9, 0.95), linear warm-up then
+linear decay, gradients clipped at norm 1, L1 (`--recon l2`: L2) + the quantizer's loss, no loss
+on padding (the data path gives images their own T = 1 batches). HFSVQ follows its seed's
+Algorithm 1: both halves step on the same batch, F_L first. The curve scores the trainer's
+warmed-up EMA of the weights (`pipelines.training.loop.warmup_ema`) on the val clips' first
+`val_frames` frames (centred crops; by default as many as a training clip has).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Scores are per image (per frame for video), then averaged over all frames of the set: PSNR,
 SSIM (torchmetrics), LPIPS (only with real backbone weights), rFID (torchmetrics FID with
 local Inception weights), the colour (`chroma_sums`: chroma MSE, saturation kept), and
-codebook usage / perplexity / bits per token / compression ratio from accumulated code counts. Inputs are (B, C, H, W) or (B, C, T, H, W), channel-first, in
-[data_min, data_min + data_range] = [-1, 1] by default (so the PSNR peak is 2).
+codebook usage / perplexity / bits per token / compression ratio from accumulated code counts.
+Inputs are (B, C, H, W) or (B, C, T, H, W), channel-first, in [data_min, data_min + data_range]
+= [-1, 1] by default (so the PSNR peak is 2).
 
 `ReconMetrics` keeps only sums and counts (float64 tensors) in `state_dict()`, so workers can be
 merged exactly (`merge`, `all_reduce`, or summing state dicts from Ray actors) — never an
@@ -87,7 +88,7 @@ def chroma_sums(fa: torch.Tensor, fb: torch.Tensor) -> dict[str, float]:
     the chroma power (mean square) of each, whose ratio `compute` gives as `chroma_kept`:
     1 keeps the input's colour saturation, 0 is a grey picture. PSNR alone hides a model
     that has learned luma and not colour (BENCHMARKS.md "Colour")."""
-    ca, cb = (v.float() - v.float().mean(1, keepdim=True) for v in (fa, fb))
+    ca, cb = (v - v.mean(1, keepdim=True) for v in (fa.float(), fb.float()))
     per_frame = lambda v: v.square().mean(dim=(1, 2, 3)).double().sum().item()  # noqa: E731
     return {"chroma_mse": per_frame(ca - cb), "chroma_power": per_frame(ca),
             "chroma_power_in": per_frame(cb)}
