@@ -5,6 +5,8 @@ long, `--per-shard` to a shard). A case decodes one random `--window`-frame wind
 and delivers it at `--train-size`² (default `--size`).
     raw_<backend>           `decode.decode_video` at the source size, one process (1 core);
                             `_at_size`: scaled by the decoder (with `--train-size`)
+    raw_parallel_<backend>  `--cpus` processes of raw decoding at once: what the cores
+                            decode together (the machine's own scaling)
     plain_<backend>         `stream.iter_batches`: tar read + decode + crop + pad + stack
     ray_<backend>           `ray_dataset.build_dataset` through `BatchStream` on a local Ray
                             (`--cpus`); cold = first pass (worker start), warm = later passes;
@@ -17,8 +19,9 @@ and delivers it at `--train-size`² (default `--size`).
                             of each step spent waiting for data (`--train-steps 0`: skipped)
 Prints one JSON object per case, then the ratios pipeline / raw for the same backend: each
 pipeline pass follows a raw pass of the same clips, and a ratio is the median over the
-pairs (`paired`), by wall time and by CPU time (Ray's from `Dataset.stats()`, the tasks' own
-CPU); `steady`: a pass's rate after its first batch. Run by hand: `python -m
+pairs (`paired`; pair by pair in `ratio_to_raw_by_run`), by wall time and by CPU time (Ray's
+from `Dataset.stats()`, the tasks' own CPU); `steady`: a pass's rate after its first batch.
+Ray runs its workers at niceness 15 (`--worker-niceness` sets `RAY_worker_niceness`). Run by hand: `python -m
 benchmarks.data`; not part of the tests. Figures and what limits them: BENCHMARKS.md "Data".
 """
 
@@ -143,6 +146,11 @@ def _timed(name: str, run_once, repeats: int, cpu_seconds=None, raw_once=None) -
             "frames_per_s": round(float(np.median(np.divide(wall, raw_wall))), 3),
             "frames_per_cpu_s": round(float(np.median(np.divide(cpu, raw_cpu))), 3),
         }
+        # run by run: whether the pipeline warms up over the passes (e.g. Ray's object store)
+        out["ratio_to_raw_by_run"] = {
+            "frames_per_s": np.round(np.divide(wall, raw_wall), 3).tolist(),
+            "frames_per_cpu_s": np.round(np.divide(cpu, raw_cpu), 3).tolist(),
+        }
     return out
 
 
@@ -172,6 +180,42 @@ def raw_case(
     """`raw_pass` timed alone."""
     once = raw_pass(backend, shards, frames, window, size)
     return _timed(f"raw_{backend}" + ("_at_size" if size else ""), once, repeats)
+
+
+def _raw_worker(backend: str, shards: list[str], frames: int, window: int) -> tuple:
+    """One process's raw pass (for `raw_parallel_case`): frames, wall and CPU seconds."""
+    once = raw_pass(backend, shards, frames, window)
+    t0, c0 = time.perf_counter(), time.process_time()
+    n = once(0)
+    return n, time.perf_counter() - t0, time.process_time() - c0
+
+
+def raw_parallel_case(
+    backend: str, shards: list[str], frames: int, window: int, repeats: int, procs: int
+) -> dict:
+    """`procs` processes each running one raw pass at once: what this machine's cores
+    decode together, the fair reference for a pipeline given `procs` CPUs (cores that share
+    caches, memory bandwidth or a physical core decode less each than one core alone)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    wall, per_cpu = [], []
+    jobs = list(zip(*[(backend, shards, frames, window)] * procs))
+    with ProcessPoolExecutor(procs, mp_context=get_context("spawn")) as pool:
+        list(pool.map(_raw_worker, *jobs))  # untimed: start the processes, warm the decoders
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            runs = list(pool.map(_raw_worker, *jobs))
+            n = sum(r[0] for r in runs)
+            wall.append(n / (time.perf_counter() - t0))
+            per_cpu.append(n / sum(r[2] for r in runs))
+    return {
+        "case": f"raw_parallel_{backend}",
+        "processes": procs,
+        "runs": repeats,
+        "frames_per_s": round(max(wall), 1),
+        "frames_per_cpu_s": round(float(np.median(per_cpu)), 1),
+    }
 
 
 def pipeline_case(name: str, stream_fn, repeats: int, cpu_seconds=None, raw_once=None) -> dict:
@@ -320,6 +364,12 @@ def main() -> None:
     ap.add_argument(
         "--train-steps", type=int, default=40, help="steps of the training case (0: skip it)"
     )
+    ap.add_argument(
+        "--worker-niceness",
+        type=int,
+        default=None,
+        help="RAY_worker_niceness for the Ray cases (Ray's default: 15, below this process)",
+    )
     args = ap.parse_args()
     train = args.train_size or args.size
     common = {
@@ -328,6 +378,7 @@ def main() -> None:
         "shape": [3, args.window, train, train],
         "cpus": args.cpus,
         "trust_metadata": args.trust_metadata,
+        "worker_niceness": args.worker_niceness,
         "git": _rev(),
     }
     backends = args.backends.split(",")
@@ -354,6 +405,10 @@ def main() -> None:
                 results[f"raw_{backend}_at_size"] = raw_case(
                     backend, shards, args.frames, args.window, args.repeats, (train, train)
                 )
+            if args.cpus > 1:
+                results[f"raw_parallel_{backend}"] = raw_parallel_case(
+                    backend, shards, args.frames, args.window, args.repeats, args.cpus
+                )
             results[f"probe_ab_{backend}"] = probe_ab_case(
                 backend, shards, args.frames, args.window, args.repeats + 1
             )
@@ -370,6 +425,8 @@ def main() -> None:
 
             for key, value in worker_pool_env(args.cpus).items():  # as `init_ray` does
                 os.environ.setdefault(key, value)
+            if args.worker_niceness is not None:
+                os.environ["RAY_worker_niceness"] = str(args.worker_niceness)
             for backend in backends:  # a Ray of its own each: the first pass is really cold
                 ray.init(
                     num_cpus=args.cpus,
@@ -410,6 +467,11 @@ def main() -> None:
                 cold = results[f"ray_{backend}_cold"]["frames_per_s"]
                 ratios[f"ray_{backend}_cold/ray_{backend} (frames_per_s)"] = round(
                     cold / ray["frames_per_s"], 3
+                )
+            if f"raw_parallel_{backend}" in results:  # N processes at once against one alone
+                par = results[f"raw_parallel_{backend}"][metric]
+                ratios[f"raw_parallel_{backend}/raw_{backend} ({metric})"] = round(
+                    par / results[f"raw_{backend}"][metric], 3
                 )
         if "raw_pyav" in results and "raw_decord" in results:
             ratio = results["raw_pyav"][metric] / results["raw_decord"][metric]
