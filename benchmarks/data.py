@@ -15,6 +15,8 @@ and delivers it at `--train-size`² (default `--size`).
                             clip interleaved with raw decoding (shares of raw, CPU)
     row_cost_<backend>      per batch, the CPU a Ray task adds to the decode stage: the
                             Arrow block and the copy into the object store
+    ray_threads_<backend>   more warm passes, with every thread's CPU of the driver and
+                            its Ray processes from /proc (`proc_cpu`) beside `Dataset.stats()`
     train_ray               the debug PVQ-VAE on the stream, 2 Ray Train workers: the share
                             of each step spent waiting for data (`--train-steps 0`: skipped)
 Prints one JSON object per case, then the ratios pipeline / raw for the same backend: each
@@ -39,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import proc_cpu
 from pipelines.data.batches import DataConfig, iter_raw_batches, to_row
 from pipelines.data.decode import VideoFile, decode_video, probe_video
 from pipelines.data.demo_data import pan_zoom_frames, photos
@@ -313,6 +316,35 @@ def row_cost_case(cfg, repeats: int) -> dict:
     }
 
 
+def ray_threads_case(name: str, ds, repeats: int) -> dict:
+    """`repeats` warm passes of `ds` with the CPU of every thread of the driver and its Ray
+    processes (`proc_cpu`; summed over the passes, by role and thread name), and the task
+    workers' frames per CPU-s three ways: `Dataset.stats()`'s (a task's blocks only), all
+    their threads over the whole pass, their main threads alone."""
+    frames, stats_s, used = 0, 0.0, {}
+    for _ in range(repeats):
+        before = proc_cpu.snapshot()
+        frames += sum(int(b["num_frames"].sum()) for b in BatchStream(ds))
+        stats_s += ray_cpu_seconds(ds)
+        for role, threads in proc_cpu.spent(before, proc_cpu.snapshot()).items():
+            for thread, s in threads.items():
+                used.setdefault(role, {}).setdefault(thread, 0.0)
+                used[role][thread] += s
+    workers = used.get("task worker", {})
+    return {
+        "case": name,
+        "frames": frames,
+        "frames_per_cpu_s": {
+            "stats": round(frames / stats_s, 1),
+            "task_workers": round(frames / max(sum(workers.values()), 1e-9), 1),
+            "task_workers_main_thread": round(frames / max(workers.get("main", 0.0), 1e-9), 1),
+        },
+        "cpu_s": {role: round(sum(t.values()), 2) for role, t in used.items()},
+        "threads_cpu_s": {role: {t: round(s, 2) for t, s in threads.items() if s >= 0.01}
+                          for role, threads in used.items()},  # fmt: skip
+    }
+
+
 def train_case(shards: list[str], tmp: str, args) -> dict:
     """The debug PVQ-VAE trained on the stream by 2 Ray Train workers (jobs/debug.yaml, 64²
     × 8-frame crops of the clips, batch 4): the share of the last log window's wall time the
@@ -451,6 +483,9 @@ def main() -> None:
                     raw_once=raw_pass(backend, shards, args.frames, args.window),
                 )
                 results[f"ray_{backend}"]["operators"] = operator_stats(ds.stats())
+                results[f"ray_threads_{backend}"] = ray_threads_case(
+                    f"ray_threads_{backend}", ds, args.repeats
+                )
                 results[f"row_cost_{backend}"] = row_cost_case(cfg(backend), args.repeats)
                 ray.shutdown()
         if args.train_steps:
