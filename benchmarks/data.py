@@ -316,15 +316,17 @@ def row_cost_case(cfg, repeats: int) -> dict:
     }
 
 
-def ray_threads_case(name: str, ds, repeats: int) -> dict:
+def ray_threads_case(name: str, ds, repeats: int, cpus: int) -> dict:
     """`repeats` warm passes of `ds` with the CPU of every thread of the driver and its Ray
-    processes (`proc_cpu`; summed over the passes, by role and thread name), and the task
-    workers' frames per CPU-s three ways: `Dataset.stats()`'s (a task's blocks only), all
-    their threads over the whole pass, their main threads alone."""
-    frames, stats_s, used = 0, 0.0, {}
+    processes (`proc_cpu`; summed over the passes, by role and thread name), the share of the
+    `cpus` cores each role kept busy over the passes' wall time, and the task workers' frames
+    per CPU-s three ways: `Dataset.stats()`'s (a task's blocks only), all their threads over
+    the whole pass, their main threads alone."""
+    frames, stats_s, wall, used = 0, 0.0, 0.0, {}
     for _ in range(repeats):
-        before = proc_cpu.snapshot()
+        before, t0 = proc_cpu.snapshot(), time.perf_counter()
         frames += sum(int(b["num_frames"].sum()) for b in BatchStream(ds))
+        wall += time.perf_counter() - t0
         stats_s += ray_cpu_seconds(ds)
         for role, threads in proc_cpu.spent(before, proc_cpu.snapshot()).items():
             for thread, s in threads.items():
@@ -339,7 +341,10 @@ def ray_threads_case(name: str, ds, repeats: int) -> dict:
             "task_workers": round(frames / max(sum(workers.values()), 1e-9), 1),
             "task_workers_main_thread": round(frames / max(workers.get("main", 0.0), 1e-9), 1),
         },
+        "wall_s": round(wall, 2),
         "cpu_s": {role: round(sum(t.values()), 2) for role, t in used.items()},
+        "share_of_cores": {role: round(sum(t.values()) / (wall * cpus), 3)
+                           for role, t in used.items()},  # fmt: skip
         "threads_cpu_s": {role: {t: round(s, 2) for t, s in threads.items() if s >= 0.01}
                           for role, threads in used.items()},  # fmt: skip
     }
@@ -484,7 +489,7 @@ def main() -> None:
                 )
                 results[f"ray_{backend}"]["operators"] = operator_stats(ds.stats())
                 results[f"ray_threads_{backend}"] = ray_threads_case(
-                    f"ray_threads_{backend}", ds, args.repeats
+                    f"ray_threads_{backend}", ds, args.repeats, args.cpus
                 )
                 results[f"row_cost_{backend}"] = row_cost_case(cfg(backend), args.repeats)
                 ray.shutdown()
