@@ -37,6 +37,7 @@ import re
 import subprocess
 import tempfile
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -322,16 +323,14 @@ def ray_threads_case(name: str, ds, repeats: int, cpus: int) -> dict:
     `cpus` cores each role kept busy over the passes' wall time, and the task workers' frames
     per CPU-s three ways: `Dataset.stats()`'s (a task's blocks only), all their threads over
     the whole pass, their main threads alone."""
-    frames, stats_s, wall, used = 0, 0.0, 0.0, {}
+    frames, stats_s, wall, used = 0, 0.0, 0.0, defaultdict(Counter)
     for _ in range(repeats):
         before, t0 = proc_cpu.snapshot(), time.perf_counter()
         frames += sum(int(b["num_frames"].sum()) for b in BatchStream(ds))
         wall += time.perf_counter() - t0
         stats_s += ray_cpu_seconds(ds)
         for role, threads in proc_cpu.spent(before, proc_cpu.snapshot()).items():
-            for thread, s in threads.items():
-                used.setdefault(role, {}).setdefault(thread, 0.0)
-                used[role][thread] += s
+            used[role].update(threads)
     workers = used.get("task worker", {})
     return {
         "case": name,

@@ -1,6 +1,6 @@
 """CPU seconds of every thread of this process and the processes it started (a local Ray:
-GCS, raylet, workers, actors), read from /proc (Linux). `Dataset.stats()` counts a Ray task's
-CPU as `time.process_time()` of its worker from the start of a block to its yield (Ray 2.60
+GCS, raylet, workers, actors), from psutil (Linux; thread names from /proc).
+`Dataset.stats()` counts a Ray task's CPU as `time.process_time()` of its worker from the start of a block to its yield (Ray 2.60
 `BlockExecStats`): every thread of the worker, and none of the other processes; this shows
 what each thread and process spent over the same span, so the figures can be reconciled.
 """
@@ -8,11 +8,9 @@ what each thread and process spent over the same span, so the figures can be rec
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import psutil
-
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _role(pid: int, title: str) -> str:
@@ -35,45 +33,36 @@ def snapshot() -> dict[tuple[int, int], tuple[float, str, str]]:
     """(pid, tid) -> (CPU seconds so far, the process's role, the thread's name; `main` for
     a process's first thread) for this process and all its descendants; (pid, 0) -> the
     process's own total, which also holds the threads that have ended (decord's decoder
-    threads live as long as a reader)."""
+    threads live as long as a reader). Times from psutil; thread names from /proc."""
     me = psutil.Process()
     out = {}
     for proc in [me, *me.children(recursive=True)]:
         try:
-            title = " ".join(proc.cmdline()) or proc.name()
-            role = _role(proc.pid, title)
-            with open(f"/proc/{proc.pid}/stat") as f:
-                out[(proc.pid, 0)] = (_cpu_s(f.read()), role, "")
-            for tid in os.listdir(f"/proc/{proc.pid}/task"):
-                with open(f"/proc/{proc.pid}/task/{tid}/stat") as f:
-                    cpu = _cpu_s(f.read())
-                with open(f"/proc/{proc.pid}/task/{tid}/comm") as f:
-                    name = "main" if int(tid) == proc.pid else f.read().strip()
-                out[(proc.pid, int(tid))] = (cpu, role, name)
+            role = _role(proc.pid, " ".join(proc.cmdline()) or proc.name())
+            total = proc.cpu_times()
+            out[(proc.pid, 0)] = (total.user + total.system, role, "")
+            for t in proc.threads():
+                with open(f"/proc/{proc.pid}/task/{t.id}/comm") as f:
+                    name = "main" if t.id == proc.pid else f.read().strip()
+                out[(proc.pid, t.id)] = (t.user_time + t.system_time, role, name)
         except (psutil.Error, OSError):  # a process or thread that ended meanwhile
             continue
     return out
-
-
-def _cpu_s(stat: str) -> float:
-    """utime + stime of a /proc stat line (its 14th and 15th fields), in seconds."""
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def spent(before: dict, after: dict) -> dict[str, dict[str, float]]:
     """CPU seconds between two snapshots, role -> thread name -> seconds (threads of one name
     summed over the role's processes; `(ended threads)`: a process's total less its live
     threads'). A worker keeps the role it had in `before`: its title changes between tasks."""
-    out: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for (pid, tid), (cpu, role, name) in after.items():
+    out: dict[str, Counter] = defaultdict(Counter)
+    live: Counter = Counter()  # pid -> its live threads' seconds
+    for (pid, tid), (cpu, role, name) in sorted(after.items(), key=lambda kv: -kv[0][1]):
         cpu0, role0, _ = before.get((pid, tid), (0.0, role, name))
         d = cpu - cpu0
-        if tid == 0:  # the process's total: what its live threads do not hold
-            live = sum(c - before.get((p, t), (0.0,))[0] for (p, t), (c, _, _) in after.items()
-                       if p == pid and t)  # fmt: skip
-            name, d = "(ended threads)", d - live
+        if tid:
+            live[pid] += d
+        else:  # the totals sort after their threads (tid 0): what the live threads do not hold
+            name, d = "(ended threads)", d - live[pid]
         if d > 0:
             out[role0][name] += d
-    return {r: {n: round(s, 3) for n, s in sorted(t.items(), key=lambda x: -x[1])}
-            for r, t in out.items()}  # fmt: skip
+    return {r: {n: round(s, 3) for n, s in t.most_common()} for r, t in out.items()}
