@@ -295,6 +295,23 @@ def test_ray_skips_every_bad_input(ray_local, bad_shards):
     assert stream.skipped == expected
 
 
+def test_read_group_survives_its_arrow_cell():
+    """The reader hands a group to the decode as one Arrow cell (no pandas objects, nothing
+    pickled): members of any name, bytes as they were, skips with their reason."""
+    import pyarrow as pa
+
+    from pipelines.data.ray_dataset import _samples_from_arrow, _samples_to_arrow
+
+    rows = [
+        {"__key__": "a/0", "__url__": "s3://b/x.tar", "mp4": b"\x00\x01", "json": b"{}"},
+        {"__key__": "a/1", "__url__": "s3://b/x.tar", "__skip__": "link member"},
+        {"__key__": "a/2", "__url__": "s3://b/x.tar", "jpg": b""},
+    ]
+    table = _samples_to_arrow(rows)
+    assert table.num_rows == 1 and isinstance(table, pa.Table)
+    assert _samples_from_arrow(table.column("samples")[0]) == rows
+
+
 @pytest.mark.ray
 def test_ray_streaming_split_covers_every_sample(ray_local, demo):
     """`get_dataset_shard` hands each Train worker a `streaming_split` iterator."""

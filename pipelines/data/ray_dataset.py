@@ -34,14 +34,15 @@ def _ray_decode(groups, cfg: DataConfig, report: tuple[str, str, Counter]) -> It
 
     epoch = cfg.epoch + getattr(ray.data.DataContext.get_current(), "_execution_idx", 0)
     shard, first_key, counts = report
-    for rows in groups["samples"]:
+    for cell in groups.column("samples"):
+        rows = _samples_from_arrow(cell)
         bad_shards = Counter()
         if counts and any(
             str(r["__key__"]) == first_key and str(r.get("__url__", "")).endswith(shard)
             for r in rows
         ):
             bad_shards = Counter(counts)  # once per epoch: with a fixed good sample
-        for b in decode_group(list(rows), cfg, epoch):
+        for b in decode_group(rows, cfg, epoch):
             b["skipped"].update(bad_shards)
             bad_shards = Counter()
             yield to_row(b)
@@ -76,7 +77,7 @@ def build_dataset(cfg: DataConfig, check: ShardCheck | None = None):
     ds = ds.map_batches(
         _ray_decode,
         batch_size=None,
-        batch_format="pandas",
+        batch_format="pyarrow",
         num_cpus=cfg.num_cpus,
         concurrency=cfg.concurrency,
         fn_kwargs={"cfg": cfg, "report": report},
@@ -100,20 +101,45 @@ def _tar_datasource(
     """Ray's file datasource over `tars.iter_tar_samples`, so both paths read members by
     the same rules (hostile names, links, oversized members are skipped unread; nothing is
     unpickled; a shard cut short is read up to the cut, `limits`). A row is a group of
-    `group` consecutive samples of a shard (column `samples`), the decode's unit, as
-    `batches.iter_raw_batches` groups them: Ray may cut blocks between rows, never in one."""
-    import pandas as pd
+    `group` consecutive samples of a shard (column `samples`, `_samples_to_arrow`), the
+    decode's unit, as `batches.iter_raw_batches` groups them: Ray may cut blocks between
+    rows, never in one."""
     from ray.data.datasource import FileBasedDatasource
 
     class TarSamples(FileBasedDatasource):
         def _read_stream(self, stream, path: str):
             samples = iter_tar_samples(path, max_member_bytes, stream, limits.get(_shard_id(path)))
             for rows in blocks_of(samples, group):
-                cell = pd.Series([None], dtype=object)
-                cell[0] = rows  # a list in one cell, not a column of its items
-                yield pd.DataFrame({"samples": cell})
+                yield _samples_to_arrow(rows)
 
     return TarSamples(paths, shuffle=shuffle)
+
+
+# A group as one Arrow cell, list<map<string, binary>>: a sample's members keep their own
+# names (shards mix mp4, jpg, json, ...). Arrow, not a pandas object cell: Ray sizes every
+# block it buffers, twice a row, and for a pandas block of Python objects that is a walk over
+# every object in it (Ray 2.60 `PandasBlockAccessor.size_bytes`; ~5 % of the decode task's
+# CPU, BENCHMARKS.md Data); an Arrow block knows its size.
+_TEXT_FIELDS = ("__key__", "__url__", "__skip__")  # `iter_tar_samples`' str fields
+
+
+def _samples_to_arrow(rows: list[dict]):
+    """One group of raw samples -> a one-row Arrow table (column `samples`)."""
+    import pyarrow as pa
+
+    cell = [[(k, v.encode() if isinstance(v, str) else v) for k, v in r.items()] for r in rows]
+    group = pa.list_(pa.map_(pa.string(), pa.binary()))
+    return pa.table({"samples": pa.array([cell], type=group)})
+
+
+def _samples_from_arrow(cell) -> list[dict]:
+    """`_samples_to_arrow`'s cell -> the group's sample dicts, as `iter_tar_samples` gave."""
+    rows = [dict(sample) for sample in cell.as_py()]
+    for r in rows:
+        for k in _TEXT_FIELDS:
+            if k in r:
+                r[k] = r[k].decode()
+    return rows
 
 
 def _epoch_shuffle(seed: int, first_epoch: int):
