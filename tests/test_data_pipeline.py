@@ -305,7 +305,7 @@ def test_read_group_survives_its_arrow_cell():
     rows = [
         {"__key__": "a/0", "__url__": "s3://b/x.tar", "mp4": b"\x00\x01", "json": b"{}"},
         {"__key__": "a/1", "__url__": "s3://b/x.tar", "__skip__": "link member"},
-        {"__key__": "a/2", "__url__": "s3://b/x.tar", "jpg": b""},
+        {"__key__": "a/2", "__url__": "/d/\udcff.tar", "jpg": b""},  # a non-UTF-8 file name
     ]
     table = _samples_to_arrow(rows)
     assert table.num_rows == 1 and isinstance(table, pa.Table)

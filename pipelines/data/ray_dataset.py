@@ -127,7 +127,10 @@ def _samples_to_arrow(rows: list[dict]):
     """One group of raw samples -> a one-row Arrow table (column `samples`)."""
     import pyarrow as pa
 
-    cell = [[(k, v.encode() if isinstance(v, str) else v) for k, v in r.items()] for r in rows]
+    def raw(v):  # a path from the file system may hold undecodable bytes (as surrogates)
+        return v.encode("utf-8", "surrogateescape") if isinstance(v, str) else v
+
+    cell = [[(k, raw(v)) for k, v in r.items()] for r in rows]
     group = pa.list_(pa.map_(pa.string(), pa.binary()))
     return pa.table({"samples": pa.array([cell], type=group)})
 
@@ -138,7 +141,7 @@ def _samples_from_arrow(cell) -> list[dict]:
     for r in rows:
         for k in _TEXT_FIELDS:
             if k in r:
-                r[k] = r[k].decode()
+                r[k] = r[k].decode("utf-8", "surrogateescape")
     return rows
 
 
