@@ -21,7 +21,7 @@ from pipelines.data.batches import (
     shuffle_seed,
     to_row,
 )
-from pipelines.data.tars import ShardCheck, iter_tar_samples
+from pipelines.data.tars import TEXT_FIELDS, ShardCheck, iter_tar_samples
 
 # ---------------------------------------------------------------- Ray Data
 
@@ -38,8 +38,7 @@ def _ray_decode(groups, cfg: DataConfig, report: tuple[str, str, Counter]) -> It
         rows = _samples_from_arrow(cell)
         bad_shards = Counter()
         if counts and any(
-            str(r["__key__"]) == first_key and str(r.get("__url__", "")).endswith(shard)
-            for r in rows
+            r["__key__"] == first_key and r.get("__url__", "").endswith(shard) for r in rows
         ):
             bad_shards = Counter(counts)  # once per epoch: with a fixed good sample
         for b in decode_group(rows, cfg, epoch):
@@ -120,7 +119,6 @@ def _tar_datasource(
 # block it buffers, twice a row, and for a pandas block of Python objects that is a walk over
 # every object in it (Ray 2.60 `PandasBlockAccessor.size_bytes`; ~5 % of the decode task's
 # CPU, BENCHMARKS.md Data); an Arrow block knows its size.
-_TEXT_FIELDS = ("__key__", "__url__", "__skip__")  # `iter_tar_samples`' str fields
 
 
 def _samples_to_arrow(rows: list[dict]):
@@ -139,7 +137,7 @@ def _samples_from_arrow(cell) -> list[dict]:
     """`_samples_to_arrow`'s cell -> the group's sample dicts, as `iter_tar_samples` gave."""
     rows = [dict(sample) for sample in cell.as_py()]
     for r in rows:
-        for k in _TEXT_FIELDS:
+        for k in TEXT_FIELDS:
             if k in r:
                 r[k] = r[k].decode("utf-8", "surrogateescape")
     return rows

@@ -223,6 +223,9 @@ def check_shards(paths: Iterable[str]) -> ShardCheck:
     return result
 
 
+TEXT_FIELDS = ("__key__", "__url__", "__skip__")  # a sample's str fields; members are bytes
+
+
 def iter_tar_samples(
     path: str, max_member_bytes: int = MAX_MEMBER_BYTES, stream=None, limit: int | None = None
 ) -> Iterator[dict]:
