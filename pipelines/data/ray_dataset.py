@@ -119,8 +119,6 @@ def _tar_datasource(
 # block it buffers, twice a row, and for a pandas block of Python objects that is a walk over
 # every object in it (Ray 2.60 `PandasBlockAccessor.size_bytes`; ~5 % of the decode task's
 # CPU, BENCHMARKS.md Data); an Arrow block knows its size.
-
-
 def _samples_to_arrow(rows: list[dict]):
     """One group of raw samples -> a one-row Arrow table (column `samples`)."""
     import pyarrow as pa
