@@ -4,6 +4,7 @@ tests/test_ablation_studies.py."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from pipelines.studies.ablation_page import (
     read_discussions,
     read_sections,
     reproduced_line,
+    results_page,
     results_section,
 )
 from pipelines.studies.ablation_report import (
@@ -23,6 +25,7 @@ from pipelines.studies.ablation_report import (
     check_orderings,
     format_orderings,
     format_results,
+    merge_runs,
 )
 from vqcore.models import model_config
 from vqcore.quantizers.gvq import GVQConfig
@@ -109,18 +112,23 @@ def test_study_errors_name_the_problem(tmp_path):
         load_study(STUDY, ["ablation.seeds=[a]"])
 
 
-def test_variants_overrides_and_sections(tmp_path):
-    path = tmp_path / "study.yaml"
+def _study_file(folder: Path) -> Path:
+    path = folder / "study.yaml"
     path.write_text(
         "ablation:\n  study: s\n  seeds: [3, 4]\n  data: {out: d}\n  variants:\n"
         "    wide: {quantizer: {type: vq, codebook_size: 64}, model.latent_dim: 32}\n"
         "    nofft: {model.use_fft: false}\n"
         "    img: {model: {type: image_tokenizer, flavour: vqvae_debug}}\n"
-        "  scales: {small: {ablation.seeds: [9], train.steps: 3}}\n"
+        "  scales: {small: {ablation.seeds: [9], train.steps: 3}, cpu: {}}\n"
         "model: {type: pvqvae, flavour: debug}\n"
         "data: {shards: ['{data}/train-*.tar']}\n"
         "train: {eval_shards: ['{data}/val-*.tar']}\n"
     )
+    return path
+
+
+def test_variants_overrides_and_sections(tmp_path):
+    path = _study_file(tmp_path)
     study = load_study(path)
     cfg = study.configs["wide"]
     assert cfg.model.latent_dim == 32 and cfg.model.quantizer["codebook_size"] == 64
@@ -251,6 +259,48 @@ def test_results_page_and_section_on_fixed_numbers():
     line = reproduced_line({**kept, "t": pending})
     assert line.startswith("**Orderings reproduced beyond the seed spread**: 1 of 1 checked")
     assert "s 1/1" in line and "t not run" in line
+
+
+def test_a_study_run_in_parts_merges_by_recipe(tmp_path):
+    path = _study_file(tmp_path)
+    whole = load_study(path, [f"run.storage={tmp_path / 'a'}"])
+    part = load_study(path, [f"run.storage={tmp_path / 'b'}", "train.seed=5"], variants=["nofft"])
+    assert list(part.configs) == ["nofft"] and part.recipes == whole.recipes  # storage, seed aside
+    assert len(set(whole.recipes.values())) == 3
+    longer = load_study(path, ["train.steps=9"])
+    assert not set(longer.recipes.values()) & set(whole.recipes.values())
+
+    def rows(variant, seeds, rev):
+        return [{**_run(variant, s, 30.0 + s), "recipe": whole.recipes[variant], "git": rev}
+                for s in seeds]  # fmt: skip
+
+    earlier = {"scale": "cpu", "git": "aaa",
+               "runs": rows("wide", [0, 1], "aaa") + rows("nofft", [0], "aaa")}  # fmt: skip
+    now = rows("img", [0], "bbb") + rows("nofft", [0, 1], "bbb")
+    merged, kept = merge_runs(earlier, now, whole.recipes, "cpu")
+    assert kept == ["wide"]  # nofft ran again: its earlier row goes
+    assert [(r["variant"], r["seed"], r["git"]) for r in merged] == [
+        ("wide", 0, "aaa"), ("wide", 1, "aaa"), ("nofft", 0, "bbb"), ("nofft", 1, "bbb"),
+        ("img", 0, "bbb")]  # fmt: skip
+    assert merge_runs(earlier, now, longer.recipes, "cpu")[1] == []  # another recipe
+    assert merge_runs(earlier, now, whole.recipes, "tiny")[1] == []  # another scale
+    assert merge_runs(None, now, whole.recipes, "cpu") == (now, [])
+
+    # the page keeps a study's section until every part has run, then writes it anew
+    cpu = load_study(path, scale="cpu")
+    cpu.folder.mkdir(parents=True)
+    section = "## S\n\nold table\n<!-- discussion:s (kept) -->\nold words\n<!-- /discussion:s -->\n"
+    summary = aggregate(merged[:2])
+    (cpu.folder / "results.json").write_text(json.dumps(
+        {"scale": "cpu", "variants": ["wide"], "runs": merged[:2], "summary": summary,
+         "columns": ["eval/psnr"], "orderings": []}))  # fmt: skip
+    assert "old table" in results_page([path], previous=section)
+    summary = aggregate(merged)
+    (cpu.folder / "results.json").write_text(json.dumps(
+        {"scale": "cpu", "variants": ["wide", "nofft", "img"], "runs": merged,
+         "summary": summary, "columns": ["eval/psnr"], "orderings": []}))  # fmt: skip
+    page = results_page([path], previous=section)
+    assert "old table" not in page and "| wide seed=1 | 31.00 |" in page and "old words" in page
 
 
 def test_quantizer_labels():

@@ -103,6 +103,13 @@ def test_study_runs_at_tiny_scale(name, tiny_data):
         l2 = next(r for r in result["runs"] if r["variant"] == "hrvq_l2")
         assert {"eval/quantizer_usage_layer1", "eval/quantizer_usage_layer2"} <= set(l2["metrics"])
         assert "| usage L2 |" in table
+        # a second part (another variant) into the same folder: one table of all three
+        part = load_study(ROOT / "jobs" / f"{name}.yaml", [*overrides, f"run.storage={base}/runs"],
+                          scale="tiny", variants=["vq_16"])  # fmt: skip
+        merged = run_study(part, local=True)
+        assert [r["variant"] for r in merged["runs"]] == ["hrvq_l2", "vq_16", "vq_256"]
+        assert merged["runs"][0]["metrics"] == l2["metrics"]  # kept as it was
+        assert merged["variants"] == ["hrvq_l2", "vq_16", "vq_256"]
     if name == "ablate_pvq_teacher":  # the teacher trained first, then aligned to
         teacher = result["models"]["teacher"]
         assert teacher["metrics"]["eval/psnr"] > 0 and "pq" in teacher["quantizer"]

@@ -36,6 +36,9 @@ Each run (variant × seed) is trained with `pipelines.training.launch.fit` (Ray 
 `<study>`, evaluated (EMA weights on `train.eval_shards`) and scored by
 `pipelines.studies.ablation_metrics` (encode time, highest wavelet band error, F_L alone, codebook
 size). `results.md` and `results.json` go to `<run.storage>/<study>/` and to the parent run.
+A study runs in parts with `--variants`: results.json keeps the rows already in it of the
+variants not run now when their config (`ablation_report.recipe_of`) and scale are the same,
+so parts run one after another (or in other sessions, the file copied back) make one table.
 Without a tracking URI (`run.tracking_uri` or `MLFLOW_TRACKING_URI`) all runs share one
 SQLite store in the study folder, so the children really nest under the parent.
 """
@@ -73,7 +76,9 @@ from pipelines.studies.ablation_report import (
     format_results,
     format_table,
     git_revision,
+    merge_runs,
     quantizer_label,
+    recipe_of,
     variant_label,
 )
 
@@ -95,6 +100,7 @@ class Study:
     configs: dict[str, Config] = field(default_factory=dict)  # variant -> config (seed aside)
     models: dict[str, Config] = field(default_factory=dict)  # `models:` runs, before the variants
     seeds: list[int] = field(default_factory=list)
+    recipes: dict[str, str] = field(default_factory=dict)  # every variant -> recipe_of(config)
     spec: dict = field(default_factory=dict)  # the `ablation:` section, overrides applied
     path: Path | None = None
 
@@ -158,9 +164,14 @@ def load_study(
     for model, v in models.items():
         study.models[model] = _variant_config(base, model, v, study.folder / MODELS, "model")
     models_folder = str(study.folder / MODELS)
-    for variant in chosen:
+    data_out = (spec.get("data") or {}).get("out", "{data}")
+    configs = {}
+    for variant in all_variants:  # every variant's recipe: a part's results keep the others'
         v = _fill(all_variants[variant], "{models}", models_folder)
-        study.configs[variant] = _variant_config(base, variant, v, study.folder, "variant")
+        configs[variant] = _variant_config(base, variant, v, study.folder, "variant")
+        study.recipes[variant] = recipe_of(configs[variant].to_dict(), study=study.folder,
+                                           data=data_out)  # fmt: skip
+    study.configs = {variant: configs[variant] for variant in chosen}
     return study
 
 
@@ -282,6 +293,17 @@ def run_study(study: Study, local: bool = False, command: str | None = None) -> 
                 _log_to_parent(parent, cfg, runs[-1], curves)
                 progress.update(done=1)
         progress.close()
+        rev = git_revision()
+        for row in runs:
+            row.update(recipe=study.recipes[row["variant"]], git=rev)
+        earlier_file = study.folder / "results.json"
+        earlier = json.loads(earlier_file.read_text()) if earlier_file.is_file() else None
+        runs, kept = merge_runs(earlier, runs, study.recipes, study.scale)
+        if kept:
+            print(f"[vqtok] ablation: kept the runs of {', '.join(kept)} from {earlier_file}",
+                  file=sys.stderr)  # fmt: skip
+        if kept and earlier.get("command"):
+            command = f"{earlier['command']}; then {command}"
         result = _result(study, runs, data_sizes, command)
         if models:
             result["models"] = models
@@ -395,14 +417,17 @@ def with_rate_columns(columns) -> list[str]:
 
 def _result(study: Study, runs: list[dict], data_sizes: dict | None, command: str | None) -> dict:
     summary = aggregate(runs)
+    ran = {r["variant"] for r in runs}
+    revisions = " + ".join(dict.fromkeys(r["git"] for r in runs if r.get("git")))
     return {
         "study": study.name, "title": study.spec.get("title", study.name),
-        "scale": study.scale, "seeds": study.seeds, "variants": list(study.configs),
+        "scale": study.scale, "seeds": study.seeds,
+        "variants": [v for v in study.recipes if v in ran],  # the study's order, parts merged
         "columns": with_rate_columns(study.spec.get("columns") or DEFAULT_COLUMNS),
         "reference": study.spec.get("reference"), "runs": runs, "summary": summary,
         "orderings": check_orderings(summary, study.spec.get("orderings") or []),
         "data": data_sizes, "device": device_description(next(iter(study.configs.values()))),
-        "command": command, "git": git_revision(),
+        "command": command, "git": revisions or git_revision(),
     }  # fmt: skip
 
 

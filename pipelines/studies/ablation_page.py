@@ -2,8 +2,9 @@
 
 For every study file (those of `STUDY_FILES` by default): the paper's claim with its seed and
 table/figure, the orderings it states, the command, the plan of its `cpu` scale and our
-notes, then its table from `<run.storage>/<study>/results.json` (a `cpu`-scale result only),
-or "not yet run at cpu scale". The data sizes come from the data folder's manifest. The
+notes, then its table from `<run.storage>/<study>/results.json` (a `cpu`-scale result only,
+of every variant: a study half run in parts keeps its section as it was), or "not yet run
+at cpu scale". The data sizes come from the data folder's manifest. The
 hand-written discussion block of each section (between its `<!-- discussion:... -->`
 markers) is kept when the page is written again.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 from pipelines.studies.ablation_report import METRICS, format_results
@@ -165,6 +167,11 @@ def results_page(study_files: list, scale: str = "cpu", previous: str = "") -> s
                 "command": f"vqtok ablate {_relative(path)} --local",
                 "plan": study_plan(study)}  # fmt: skip
         old = read_sections(previous).get(study.name)
+        missing = [v for v in study.recipes if v not in (result or {}).get("variants", [])]
+        if result is not None and missing and old is not None:  # a study run in parts
+            print(f"[vqtok] {study.name}: {result_file} lacks {', '.join(missing)}: "
+                  "the page's section stays until every part has run", file=sys.stderr)  # fmt: skip
+            result = None
         if result is None and old is not None:  # not run here: the page's section stays
             sections[study.name] = old
             continue

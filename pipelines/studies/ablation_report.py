@@ -3,7 +3,8 @@
 numbers, unit-tested on fixed ones; and the provenance results.json records (device, git).
 
 A run row (one variant × one seed): `variant`, `seed`, `quantizer` (label), `metrics`
-(key -> value), `steps`, `seconds`, optional `error`. A summary row (one variant): `variant`,
+(key -> value), `steps`, `seconds`, `recipe` (its config's fingerprint), `git`, optional
+`error`. A summary row (one variant): `variant`,
 `quantizer`, `seeds` (those that ran), `stats` (key -> {mean, std, min, max, n}), `steps`,
 `seconds` (mean per run), `errors`.
 
@@ -19,6 +20,8 @@ ordering `[better, worse, metric, higher_is_better]` over the seeds' values B an
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import statistics
@@ -182,6 +185,37 @@ def format_table(
         )
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def recipe_of(config: dict, **placeholders: str) -> str:
+    """A run's config fingerprint (12 hex digits): the config without `run` and the seed,
+    each placeholder's path written as its name (`{study}`, `{data}`) so that the same recipe
+    in another storage folder has the same print."""
+    plain = {k: v for k, v in config.items() if k != "run"}
+    plain["train"] = {k: v for k, v in plain.get("train", {}).items() if k != "seed"}
+    text = json.dumps(plain, sort_keys=True, default=str)
+    for name, path in placeholders.items():
+        text = text.replace(str(path), "{" + name + "}")
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def merge_runs(earlier: dict | None, runs: list[dict], recipes: dict[str, str],
+               scale: str) -> tuple[list[dict], list[str]]:  # fmt: skip
+    """This run's rows with an earlier results.json's rows of the variants not run now, so a
+    study can be run in parts (`vqtok ablate --variants`). An earlier row is kept only when
+    its variant is still in the study (`recipes`: variant -> the fingerprint it has now) with
+    the same recipe, at the same scale. Returns (rows in the study's variant order, the
+    variants kept)."""
+    if not earlier or earlier.get("scale") != scale:
+        return runs, []
+    now = {r["variant"] for r in runs}
+    kept = [{**r, "git": r.get("git") or earlier.get("git")} for r in earlier.get("runs", [])
+            if r["variant"] not in now and r.get("recipe") == recipes.get(r["variant"])]  # fmt: skip
+    if not kept:
+        return runs, []
+    order = list(recipes)
+    merged = sorted([*kept, *runs], key=lambda r: order.index(r["variant"]))  # stable
+    return merged, [v for v in order if any(r["variant"] == v for r in kept)]
 
 
 def check_ordering(summary: list[dict], better: str, worse: str, metric: str,
