@@ -123,6 +123,7 @@ def _study_file(folder: Path) -> Path:
         "model: {type: pvqvae, flavour: debug}\n"
         "data: {shards: ['{data}/train-*.tar']}\n"
         "train: {eval_shards: ['{data}/val-*.tar']}\n"
+        f"run: {{storage: '{folder / 'runs'}'}}\n"
     )
     return path
 
@@ -288,19 +289,23 @@ def test_a_study_run_in_parts_merges_by_recipe(tmp_path):
 
     # the page keeps a study's section until every part has run, then writes it anew
     cpu = load_study(path, scale="cpu")
-    cpu.folder.mkdir(parents=True)
+    cpu.folder.mkdir(parents=True)  # (the file's run.storage: under tmp_path)
     section = "## S\n\nold table\n<!-- discussion:s (kept) -->\nold words\n<!-- /discussion:s -->\n"
     summary = aggregate(merged[:2])
     (cpu.folder / "results.json").write_text(json.dumps(
         {"scale": "cpu", "variants": ["wide"], "runs": merged[:2], "summary": summary,
          "columns": ["eval/psnr"], "orderings": []}))  # fmt: skip
-    assert "old table" in results_page([path], previous=section)
+    kept = tmp_path / "results"  # beside the page: the part is kept for another machine
+    assert "old table" in results_page([path], previous=section, kept=kept)
+    assert json.loads((kept / "s.json").read_text())["variants"] == ["wide"]
     summary = aggregate(merged)
     (cpu.folder / "results.json").write_text(json.dumps(
         {"scale": "cpu", "variants": ["wide", "nofft", "img"], "runs": merged,
          "summary": summary, "columns": ["eval/psnr"], "orderings": []}))  # fmt: skip
-    page = results_page([path], previous=section)
+    page = results_page([path], previous=section, kept=kept)
     assert "old table" not in page and "| wide seed=1 | 31.00 |" in page and "old words" in page
+    (cpu.folder / "results.json").unlink()  # the storage gone: the kept copy writes the page
+    assert results_page([path], previous=section, kept=kept) == page
 
 
 def test_quantizer_labels():

@@ -2,9 +2,9 @@
 
 For every study file (those of `STUDY_FILES` by default): the paper's claim with its seed and
 table/figure, the orderings it states, the command, the plan of its `cpu` scale and our
-notes, then its table from `<run.storage>/<study>/results.json` (a `cpu`-scale result only,
-of every variant: a study half run in parts keeps its section as it was), or "not yet run
-at cpu scale". The data sizes come from the data folder's manifest. The
+notes, then its table from `<run.storage>/<study>/results.json` (or its copy in
+docs/results/; a `cpu`-scale result only, of every variant: a study half run in parts keeps
+its section as it was), or "not yet run at cpu scale". The data sizes come from the data folder's manifest. The
 hand-written discussion block of each section (between its `<!-- discussion:... -->`
 markers) is kept when the page is written again.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -91,8 +92,9 @@ def reproduced_line(sections: dict[str, str]) -> str:
 PREAMBLE = """# Results: the seeds' headline comparisons at small scale
 
 Written by `python -m pipelines.studies.ablation_page` from each study's
-`<run.storage>/<study>/results.json` (only results of the `cpu` scale are shown); do not
-edit the tables by hand. One study file per paper in `jobs/` (`vqtok ablate FILE --local`);
+`<run.storage>/<study>/results.json` (only results of the `cpu` scale are shown), copied to
+`docs/results/<study>.json` and read from there when the storage has none; do not edit the
+tables by hand. One study file per paper in `jobs/` (`vqtok ablate FILE --local`);
 each run is an MLflow run nested under the study's parent run.
 
 How to read the tables: a cell is the mean ± the sample standard deviation over the seeds
@@ -143,10 +145,14 @@ def study_plan(study) -> str:
             f"{study.spec.get('parallel', 1)} run(s) at a time")  # fmt: skip
 
 
-def results_page(study_files: list, scale: str = "cpu", previous: str = "") -> str:
+def results_page(study_files: list, scale: str = "cpu", previous: str = "",
+                 kept: Path | None = None) -> str:  # fmt: skip
     """The whole docs/RESULTS.md: preamble, the reproduced fraction, data sizes, one section
     per study file; the discussion blocks of `previous` (the page as it was) are kept, and
-    so is the whole section of a study with no results here."""
+    so is the whole section of a study with no results here. `kept`: a folder where each
+    study's results.json is copied as `<study>.json` (a part's too) and read from when the
+    study's storage has none, so the page can be written again, and a study run in parts
+    continued, on another machine."""
     from pipelines.studies.ablation import load_study
     from pipelines.studies.ablation_data import size_summary
 
@@ -155,10 +161,15 @@ def results_page(study_files: list, scale: str = "cpu", previous: str = "") -> s
     for path in study_files:
         study = load_study(path, scale=scale)
         spec = study.spec
-        result_file = study.folder / "results.json"
+        result_file, copy = study.folder / "results.json", kept and kept / f"{study.name}.json"
+        if copy and not result_file.is_file():
+            result_file = copy
         result = json.loads(result_file.read_text()) if result_file.is_file() else None
         if result is not None and result.get("scale") != scale:
             result = None
+        if result is not None and copy and result_file != copy:
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(result_file, copy)
         if study.data and sizes is None and (Path(study.data["out"]) / "manifest.json").is_file():
             sizes = size_summary(
                 json.loads((Path(study.data["out"]) / "manifest.json").read_text())
@@ -196,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     files = args.studies or [ROOT / "jobs" / f"{n}.yaml" for n in STUDY_FILES]
     previous = args.out.read_text() if args.out.is_file() else ""
-    args.out.write_text(results_page(files, previous=previous))
+    args.out.write_text(results_page(files, previous=previous, kept=args.out.parent / "results"))
     print(f"[vqtok] wrote {args.out}")
     return 0
 
