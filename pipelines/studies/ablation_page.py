@@ -4,9 +4,9 @@ For every study file (those of `STUDY_FILES` by default): the paper's claim with
 table/figure, the orderings it states, the command, the plan of its `cpu` scale and our
 notes, then its table from `<run.storage>/<study>/results.json` (or its copy in
 docs/results/; a `cpu`-scale result only, of every variant: a study half run in parts keeps
-its section as it was), or "not yet run at cpu scale". The data sizes come from the data folder's manifest. The
-hand-written discussion block of each section (between its `<!-- discussion:... -->`
-markers) is kept when the page is written again.
+its section as it was), or "not yet run at cpu scale". The data sizes come from the data
+folder's manifest. The hand-written discussion block of each section (between its
+`<!-- discussion:... -->` markers) is kept when the page is written again.
 """
 
 from __future__ import annotations
