@@ -296,7 +296,7 @@ def test_a_study_run_in_parts_merges_by_recipe(tmp_path):
         {"scale": "cpu", "variants": ["wide"], "runs": merged[:2], "summary": summary,
          "columns": ["eval/psnr"], "orderings": []}))  # fmt: skip
     kept = tmp_path / "results"  # beside the page: the part is kept for another machine
-    assert "old table" in results_page([path], previous=section, kept=kept)
+    assert "old table" in results_page([path, path], previous=section, kept=kept)  # 2 files
     assert json.loads((kept / "s.json").read_text())["variants"] == ["wide"]
     summary = aggregate(merged)
     (cpu.folder / "results.json").write_text(json.dumps(

@@ -186,8 +186,8 @@ def results_page(study_files: list, scale: str = "cpu", previous: str = "",
         if result is None and old is not None:  # not run here: the page's section stays
             sections[study.name] = old
             continue
-        kept = read_discussions(previous).get(study.name, "")
-        sections[study.name] = results_section({**info, "study": study.name}, result, kept)
+        words = read_discussions(previous).get(study.name, "")
+        sections[study.name] = results_section({**info, "study": study.name}, result, words)
     return (PREAMBLE + "\n" + reproduced_line(sections) + "\n" + data_section(sizes)
             + "\n".join(sections.values()))  # fmt: skip
 
